@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One command: create .venv (Python 3.12), install everything, then run the demo on the built-in tiny model.
+#   bash setup.sh            # set up + demo
+#   bash setup.sh --no-demo  # set up only (used by .ci/run)
+# Re-running is fast: the install step is skipped while pyproject.toml is unchanged.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON="${PYTHON:-}"
+if [ -z "$PYTHON" ]; then
+  for candidate in /root/.pyenv/versions/3.12.1/bin/python3.12 python3.12; do
+    if command -v "$candidate" >/dev/null 2>&1; then PYTHON="$candidate"; break; fi
+  done
+fi
+[ -n "$PYTHON" ] || { echo "setup.sh: Python 3.12 not found (set PYTHON=/path/to/python3.12)" >&2; exit 1; }
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=.venv/.mimo_v2_flash_installed
+want="$(sha256sum pyproject.toml setup.sh | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "== installing into .venv (first run takes a few minutes)"
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e ".[dev]"
+  # Packages whose declared dependencies cannot install here; pinned in pyproject.toml [tool.mimo_v2_flash].
+  nodeps=$(.venv/bin/python -c "import tomllib;print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['mimo_v2_flash']['no-deps']))")
+  .venv/bin/python -m pip install --quiet --no-deps $nodeps
+  .venv/bin/python -c "import megatron.bridge.models.mimo_v2_flash as m; print('overlay active:', m.__file__)"
+  echo "$want" > "$stamp"
+else
+  echo "== .venv up to date"
+fi
+
+if [ "${1:-}" != "--no-demo" ]; then
+  .venv/bin/python examples/models/mimo_v2_flash/demo.py
+fi

@@ -1,0 +1,8 @@
+"""MiMo-V2-Flash for Megatron-Bridge (this repository's implementation; see ``mimo_v2_flash_overlay``)."""
+
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_bridge import MiMoV2FlashBridge
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import MiMoV2FlashModelProvider
+
+
+__all__ = ["MiMoV2FlashBridge", "MiMoV2FlashConfigError", "MiMoV2FlashModelProvider"]

@@ -1,0 +1,61 @@
+"""Everything that lets Megatron-Core / Megatron-Bridge code run where CUDA is absent, in one place.
+
+Nothing here does anything when CUDA is available. Configuration settings are preferred and live on the
+provider (local attention backend, fusions off, ``moe_token_dispatcher_type="allgather"``,
+``moe_grouped_gemm=False``, ``use_cpu_initialization``); what remains are call sites that ask CUDA for a device
+unconditionally. Each adaptation names the upstream place and the failure it avoids.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+def cuda_absent() -> bool:
+    """True on machines without a usable CUDA device (the only case where adaptations apply)."""
+    return not torch.cuda.is_available()
+
+
+def _cpu_current_device() -> torch.device:
+    return torch.device("cpu")
+
+
+@functools.cache
+def apply_cpu_adaptations() -> bool:
+    """Apply the adaptations if CUDA is absent; returns whether they were applied (idempotent).
+
+    ``torch.cuda.current_device`` -> the CPU device. Without CUDA it raises ``RuntimeError: Found no NVIDIA
+    driver``; Megatron-Core calls it unconditionally for tensor placement in:
+    ``transformer/moe/router.py`` (``TopKRouter.__init__`` expert-bias buffers, ``Router.gating`` moving the
+    weight), ``transformer/multi_token_prediction.py`` (``roll_tensor`` receive buffers, MTP loss tracker),
+    ``models/gpt/gpt_model.py`` (static-inference ``sequence_len_offset``) and
+    ``models/common/embeddings/rotary_pos_embedding.py`` (``inv_freq`` placement without
+    ``use_cpu_initialization``). In those places the returned value is only used as a ``device=`` argument, so
+    the CPU device is the faithful answer; with CUDA present the function is left untouched.
+    """
+    if not cuda_absent():
+        return False
+    torch.cuda.current_device = _cpu_current_device
+    return True
+
+
+def init_single_process_group(backend: str | None = None) -> None:
+    """Start a one-rank process group when not launched by torchrun (gloo without CUDA, nccl with it)."""
+    if torch.distributed.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = backend or ("gloo" if cuda_absent() else "nccl")
+    if not cuda_absent():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size)

@@ -1,0 +1,166 @@
+"""Megatron-Bridge bridge for Xiaomi MiMo-V2-Flash (``MiMoV2FlashForCausalLM``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from megatron.core.models.gpt.gpt_model import GPTModel
+
+from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRegistry
+from megatron.bridge.models.conversion.model_bridge import MegatronModelBridge
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
+    FULL_ATTENTION,
+    SLIDING_ATTENTION,
+    MiMoV2FlashArchitecture,
+    load_config_dict,
+    parse_architecture,
+)
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import mimo_v2_flash_mapping_registry
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import MiMoV2FlashModelProvider
+
+
+MTP_KEY = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
+DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def count_mtp_layers(keys) -> int:
+    """Number of MTP layers in a checkpoint (the config does not record it): highest index + 1."""
+    indices = {int(match.group(1)) for key in keys if (match := MTP_KEY.match(key))}
+    if indices and indices != set(range(max(indices) + 1)):
+        raise ValueError(f"MTP layers are not numbered 0..N-1 (found {sorted(indices)})")
+    return len(indices)
+
+
+def provider_from_architecture(arch: MiMoV2FlashArchitecture, mtp_num_layers: int = 0, **overrides: Any):
+    """A :class:`MiMoV2FlashModelProvider` for a normalized architecture (plus provider field overrides)."""
+    import torch
+
+    params_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(arch.torch_dtype, torch.float32)
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        vocab_size=arch.vocab_size,
+        num_attention_heads=arch.num_attention_heads,
+        kv_channels=arch.head_dim,
+        v_head_dim=arch.v_head_dim,
+        num_query_groups=arch.full_num_kv_heads,
+        swa_num_query_groups=arch.swa_num_kv_heads,
+        attention_layer_types=arch.layer_types,
+        sliding_window_size=arch.sliding_window_size,
+        rotary_base=arch.full_rope_theta,
+        swa_rotary_base=arch.swa_rope_theta,
+        rotary_percent=arch.partial_rotary_factor,
+        layernorm_epsilon=arch.norm_eps,
+        attention_value_scale=arch.attention_value_scale,
+        full_attention_sink=arch.full_attention_sink,
+        swa_attention_sink=arch.swa_attention_sink,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_moe_experts=arch.num_experts if any(arch.moe_layers) else None,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size if any(arch.moe_layers) else None,
+        moe_router_topk=arch.moe_topk if any(arch.moe_layers) else 2,
+        moe_router_topk_scaling_factor=arch.routed_scaling_factor if arch.routed_scaling_factor != 1.0 else None,
+        moe_layer_freq=[int(v) for v in arch.moe_layers],
+        mtp_num_layers=mtp_num_layers or None,
+        seq_length=arch.max_position_embeddings,
+        init_method_std=arch.init_method_std,
+        make_vocab_size_divisible_by=1,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+    )
+    kwargs.update(overrides)
+    return MiMoV2FlashModelProvider(**kwargs)
+
+
+@MegatronModelBridge.register_bridge(
+    source="MiMoV2FlashForCausalLM",
+    target=GPTModel,
+    provider=MiMoV2FlashModelProvider,
+    model_type="mimo_v2_flash",
+)
+class MiMoV2FlashBridge(MegatronModelBridge):
+    """HF MiMo-V2-Flash (hub or transformers-native config) <-> Megatron-Core GPT with MiMo attention."""
+
+    def provider_bridge(self, hf_pretrained) -> MiMoV2FlashModelProvider:
+        """Provider from the checkpoint's raw ``config.json`` (hub fields win) and its MTP keys."""
+        source = getattr(hf_pretrained, "model_name_or_path", None)
+        if source is not None and (Path(source) / "config.json").is_file():
+            raw = load_config_dict(source)
+        else:
+            raw = hf_pretrained.config.to_dict()
+        mtp_layers = 0
+        state = getattr(hf_pretrained, "state", None)
+        if state is not None and getattr(state, "source", None) is not None:
+            mtp_layers = count_mtp_layers(state.source.get_all_keys())
+        return provider_from_architecture(parse_architecture(raw), mtp_num_layers=mtp_layers)
+
+    @classmethod
+    def megatron_to_hf_config(cls, provider: MiMoV2FlashModelProvider) -> dict:
+        """HF config in both spellings: hub (remote code) fields and transformers-native fields."""
+        layer_types = list(provider.attention_layer_types)
+        moe_layers = _moe_layer_list(provider)
+        rope = lambda theta: {  # noqa: E731
+            "rope_type": "default",
+            "rope_theta": theta,
+            "partial_rotary_factor": provider.rotary_percent,
+        }
+        return {
+            "architectures": ["MiMoV2FlashForCausalLM"],
+            "model_type": "mimo_v2_flash",
+            "vocab_size": provider.vocab_size,
+            "hidden_size": provider.hidden_size,
+            "intermediate_size": provider.ffn_hidden_size,
+            "moe_intermediate_size": provider.moe_ffn_hidden_size,
+            "num_hidden_layers": provider.num_layers,
+            "num_attention_heads": provider.num_attention_heads,
+            "num_key_value_heads": provider.num_query_groups,
+            "swa_num_attention_heads": provider.num_attention_heads,
+            "swa_num_key_value_heads": provider.swa_num_query_groups,
+            "head_dim": provider.kv_channels,
+            "swa_head_dim": provider.kv_channels,
+            "v_head_dim": provider.v_head_dim,
+            "swa_v_head_dim": provider.v_head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": provider.seq_length,
+            "initializer_range": provider.init_method_std,
+            "tie_word_embeddings": False,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "hybrid_layer_pattern": [int(t == SLIDING_ATTENTION) for t in layer_types],
+            "layer_types": layer_types,
+            "moe_layer_freq": [int(v) for v in moe_layers],
+            "mlp_layer_types": ["sparse" if v else "dense" for v in moe_layers],
+            "sliding_window_size": provider.sliding_window_size,
+            "sliding_window": provider.sliding_window_size + 1,
+            "rope_theta": provider.rotary_base,
+            "swa_rope_theta": provider.swa_rotary_base,
+            "partial_rotary_factor": provider.rotary_percent,
+            "rope_parameters": {FULL_ATTENTION: rope(provider.rotary_base), SLIDING_ATTENTION: rope(provider.swa_rotary_base)},
+            "layernorm_epsilon": provider.layernorm_epsilon,
+            "rms_norm_eps": provider.layernorm_epsilon,
+            "attention_value_scale": provider.attention_value_scale,
+            "add_full_attention_sink_bias": provider.full_attention_sink,
+            "add_swa_attention_sink_bias": provider.swa_attention_sink,
+            "n_routed_experts": provider.num_moe_experts,
+            "num_experts_per_tok": provider.moe_router_topk,
+            "scoring_func": "sigmoid",
+            "topk_method": "noaux_tc",
+            "n_group": 1,
+            "topk_group": 1,
+            "norm_topk_prob": True,
+            "routed_scaling_factor": provider.moe_router_topk_scaling_factor,
+            "n_shared_experts": None,
+        }
+
+    def mapping_registry(self) -> MegatronMappingRegistry:
+        """HF <-> Megatron parameter mappings (see ``mimo_v2_flash_mappings``)."""
+        return mimo_v2_flash_mapping_registry()
+
+
+def _moe_layer_list(provider) -> list[bool]:
+    freq = provider.moe_layer_freq
+    if isinstance(freq, int):
+        return [provider.num_moe_experts is not None and i % freq == 0 for i in range(provider.num_layers)]
+    return [bool(v) for v in freq]

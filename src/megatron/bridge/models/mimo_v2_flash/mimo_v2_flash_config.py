@@ -1,0 +1,236 @@
+"""Read a MiMo-V2-Flash Hugging Face config (hub or transformers-native form) into one normalized view.
+
+Two spellings of the same architecture exist:
+
+* the released hub config (remote code): ``hybrid_layer_pattern`` (0 = full, 1 = SWA), ``moe_layer_freq``,
+  ``swa_num_key_value_heads``, ``sliding_window_size`` (previous tokens a query sees), ``rope_theta`` /
+  ``swa_rope_theta`` / ``partial_rotary_factor``, ``layernorm_epsilon``, ``add_*_attention_sink_bias``;
+* transformers' native ``MiMoV2FlashConfig`` (>= 5.13): ``layer_types``, ``mlp_layer_types``,
+  ``rope_parameters`` per layer type, ``rms_norm_eps``, ``sliding_window`` = window + 1 (>= 5.20).
+
+transformers' native config class fills ``layer_types`` / ``rope_parameters`` with defaults when it loads a
+hub-form file, silently ignoring the hub fields, so this module reads the raw ``config.json`` dict: hub fields
+win when present, and a file carrying both spellings must be self-consistent.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
+
+
+class MiMoV2FlashConfigError(ValueError):
+    """A config value this implementation cannot represent exactly."""
+
+
+@dataclass(frozen=True)
+class MiMoV2FlashArchitecture:
+    """Everything about the architecture the bridge needs, in one spelling."""
+
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_attention_heads: int
+    head_dim: int
+    v_head_dim: int
+    full_num_kv_heads: int
+    swa_num_kv_heads: int
+    layer_types: tuple[str, ...]
+    moe_layers: tuple[bool, ...]
+    sliding_window_size: int
+    full_rope_theta: float
+    swa_rope_theta: float
+    partial_rotary_factor: float
+    norm_eps: float
+    attention_value_scale: float | None
+    full_attention_sink: bool
+    swa_attention_sink: bool
+    ffn_hidden_size: int
+    moe_ffn_hidden_size: int
+    num_experts: int
+    moe_topk: int
+    routed_scaling_factor: float
+    max_position_embeddings: int
+    init_method_std: float
+    hidden_act: str
+    torch_dtype: str | None
+
+
+def load_config_dict(path: str | Path) -> dict[str, Any]:
+    """Load ``config.json`` from a checkpoint directory (or the file itself)."""
+    config_path = Path(path)
+    if config_path.is_dir():
+        config_path = config_path / "config.json"
+    try:
+        return json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise MiMoV2FlashConfigError(f"{config_path}: config.json not found") from None
+    except json.JSONDecodeError as error:
+        raise MiMoV2FlashConfigError(f"{config_path}: not valid JSON ({error})") from None
+
+
+def _require(cfg: dict[str, Any], *names: str) -> Any:
+    for name in names:
+        if cfg.get(name) is not None:
+            return cfg[name]
+    raise MiMoV2FlashConfigError(f"config is missing required field {' / '.join(repr(n) for n in names)}")
+
+
+def _layer_types(cfg: dict[str, Any], num_layers: int) -> tuple[str, ...]:
+    hub = cfg.get("hybrid_layer_pattern")
+    native = cfg.get("layer_types")
+    from_hub = None
+    if hub is not None:
+        if any(v not in (0, 1) for v in hub):
+            raise MiMoV2FlashConfigError(f"hybrid_layer_pattern must hold 0 (full) or 1 (SWA), got {hub}")
+        from_hub = tuple(SLIDING_ATTENTION if v == 1 else FULL_ATTENTION for v in hub)
+    if native is not None:
+        unknown = sorted(set(native) - {FULL_ATTENTION, SLIDING_ATTENTION})
+        if unknown:
+            raise MiMoV2FlashConfigError(f"layer_types: unsupported layer type(s) {unknown}")
+        if from_hub is not None and tuple(native) != from_hub:
+            raise MiMoV2FlashConfigError("hybrid_layer_pattern and layer_types disagree")
+    types = from_hub if from_hub is not None else tuple(native) if native is not None else None
+    if types is None:
+        raise MiMoV2FlashConfigError("config is missing required field 'hybrid_layer_pattern' / 'layer_types'")
+    if len(types) != num_layers:
+        raise MiMoV2FlashConfigError(f"layer pattern has {len(types)} entries for num_hidden_layers={num_layers}")
+    return types
+
+
+def _moe_layers(cfg: dict[str, Any], num_layers: int) -> tuple[bool, ...]:
+    freq = cfg.get("moe_layer_freq")
+    native = cfg.get("mlp_layer_types")
+    if freq is not None:
+        if isinstance(freq, int):
+            raise MiMoV2FlashConfigError("moe_layer_freq must be a per-layer list of 0/1")
+        layers = tuple(bool(v) for v in freq)
+        if native is not None and tuple(v == "sparse" for v in native) != layers:
+            raise MiMoV2FlashConfigError("moe_layer_freq and mlp_layer_types disagree")
+    elif native is not None:
+        unknown = sorted(set(native) - {"dense", "sparse"})
+        if unknown:
+            raise MiMoV2FlashConfigError(f"mlp_layer_types: unsupported value(s) {unknown}")
+        layers = tuple(v == "sparse" for v in native)
+    else:
+        raise MiMoV2FlashConfigError("config is missing required field 'moe_layer_freq' / 'mlp_layer_types'")
+    if len(layers) != num_layers:
+        raise MiMoV2FlashConfigError(f"MoE layer pattern has {len(layers)} entries for num_hidden_layers={num_layers}")
+    return layers
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, float, float]:
+    """Return (full theta, SWA theta, partial rotary factor)."""
+    if cfg.get("rope_scaling") not in (None, {}):
+        raise MiMoV2FlashConfigError(f"rope_scaling={cfg['rope_scaling']!r} is not supported (only plain RoPE)")
+    if cfg.get("rope_theta") is not None and cfg.get("swa_rope_theta") is not None:
+        factor = cfg.get("partial_rotary_factor")
+        if factor is None:
+            raise MiMoV2FlashConfigError("config is missing required field 'partial_rotary_factor'")
+        return float(cfg["rope_theta"]), float(cfg["swa_rope_theta"]), float(factor)
+    params = cfg.get("rope_parameters")
+    if not isinstance(params, dict) or FULL_ATTENTION not in params:
+        raise MiMoV2FlashConfigError(
+            "config is missing required field 'rope_theta' + 'swa_rope_theta' / 'rope_parameters'"
+        )
+    per_type = {}
+    for kind in (FULL_ATTENTION, SLIDING_ATTENTION):
+        entry = params.get(kind) or params[FULL_ATTENTION]
+        if entry.get("rope_type", "default") != "default":
+            raise MiMoV2FlashConfigError(f"rope_parameters.{kind}.rope_type={entry['rope_type']!r} is not supported")
+        per_type[kind] = (float(entry["rope_theta"]), float(entry.get("partial_rotary_factor", 1.0)))
+    if per_type[FULL_ATTENTION][1] != per_type[SLIDING_ATTENTION][1]:
+        raise MiMoV2FlashConfigError("rope_parameters: different partial_rotary_factor per layer type is not supported")
+    return per_type[FULL_ATTENTION][0], per_type[SLIDING_ATTENTION][0], per_type[FULL_ATTENTION][1]
+
+
+def _window(cfg: dict[str, Any]) -> int:
+    """Previous tokens a sliding-window query attends to (it always sees itself too)."""
+    if cfg.get("sliding_window_size") is not None:
+        return int(cfg["sliding_window_size"])
+    if cfg.get("sliding_window") is not None:
+        # transformers >= 5.20 native form stores window + 1 (the query itself included).
+        return int(cfg["sliding_window"]) - 1
+    raise MiMoV2FlashConfigError("config is missing required field 'sliding_window_size' / 'sliding_window'")
+
+
+def _check_supported(cfg: dict[str, Any], num_heads: int, head_dim: int, v_head_dim: int) -> None:
+    checks = [
+        ("scoring_func", cfg.get("scoring_func", "sigmoid"), "sigmoid"),
+        ("topk_method", cfg.get("topk_method", "noaux_tc"), "noaux_tc"),
+        ("n_group", cfg.get("n_group", 1) or 1, 1),
+        ("topk_group", cfg.get("topk_group", 1) or 1, 1),
+        ("norm_topk_prob", cfg.get("norm_topk_prob", True), True),
+        ("tie_word_embeddings", cfg.get("tie_word_embeddings", False), False),
+        ("attention_bias", cfg.get("attention_bias", False), False),
+        ("hidden_act", cfg.get("hidden_act", "silu"), "silu"),
+    ]
+    for name, value, supported in checks:
+        if value != supported:
+            raise MiMoV2FlashConfigError(f"{name}={value!r} is not supported (only {supported!r})")
+    if cfg.get("n_shared_experts"):
+        raise MiMoV2FlashConfigError(f"n_shared_experts={cfg['n_shared_experts']!r} is not supported (only 0/null)")
+    for name, expected in (("swa_num_attention_heads", num_heads), ("swa_head_dim", head_dim)):
+        if cfg.get(name) is not None and cfg[name] != expected:
+            raise MiMoV2FlashConfigError(f"{name}={cfg[name]} differs from the full-attention value {expected}")
+    if cfg.get("swa_v_head_dim") is not None and cfg["swa_v_head_dim"] != v_head_dim:
+        raise MiMoV2FlashConfigError(f"swa_v_head_dim={cfg['swa_v_head_dim']} differs from v_head_dim={v_head_dim}")
+
+
+def parse_architecture(cfg: dict[str, Any]) -> MiMoV2FlashArchitecture:
+    """Normalize a raw MiMo-V2-Flash ``config.json`` dict; unsupported values raise MiMoV2FlashConfigError."""
+    num_layers = int(_require(cfg, "num_hidden_layers"))
+    num_heads = int(_require(cfg, "num_attention_heads"))
+    hidden = int(_require(cfg, "hidden_size"))
+    head_dim = int(cfg.get("head_dim") or hidden // num_heads)
+    v_head_dim = int(cfg.get("v_head_dim") or head_dim)
+    full_kv = int(_require(cfg, "num_key_value_heads"))
+    # transformers' native model hard-codes SWA KV heads = 2 x full KV heads.
+    swa_kv = int(cfg.get("swa_num_key_value_heads") or 2 * full_kv)
+    _check_supported(cfg, num_heads, head_dim, v_head_dim)
+    full_theta, swa_theta, factor = _rope(cfg)
+    if not 0.0 < factor <= 1.0 or int(head_dim * factor) % 2:
+        raise MiMoV2FlashConfigError(
+            f"partial_rotary_factor={factor} gives {int(head_dim * factor)} rotary dims of {head_dim} (must be even, > 0)"
+        )
+    for name, kv in (("num_key_value_heads", full_kv), ("swa_num_key_value_heads", swa_kv)):
+        if kv <= 0 or num_heads % kv:
+            raise MiMoV2FlashConfigError(f"{name}={kv} must divide num_attention_heads={num_heads}")
+    sink_full = cfg.get("add_full_attention_sink_bias", False)
+    sink_swa = cfg.get("add_swa_attention_sink_bias", True)
+    scaling = cfg.get("routed_scaling_factor")
+    return MiMoV2FlashArchitecture(
+        num_layers=num_layers,
+        hidden_size=hidden,
+        vocab_size=int(_require(cfg, "vocab_size")),
+        num_attention_heads=num_heads,
+        head_dim=head_dim,
+        v_head_dim=v_head_dim,
+        full_num_kv_heads=full_kv,
+        swa_num_kv_heads=swa_kv,
+        layer_types=_layer_types(cfg, num_layers),
+        moe_layers=_moe_layers(cfg, num_layers),
+        sliding_window_size=_window(cfg),
+        full_rope_theta=full_theta,
+        swa_rope_theta=swa_theta,
+        partial_rotary_factor=factor,
+        norm_eps=float(_require(cfg, "layernorm_epsilon", "rms_norm_eps")),
+        attention_value_scale=cfg.get("attention_value_scale"),
+        full_attention_sink=bool(sink_full),
+        swa_attention_sink=bool(sink_swa),
+        ffn_hidden_size=int(_require(cfg, "intermediate_size")),
+        moe_ffn_hidden_size=int(cfg.get("moe_intermediate_size") or 0),
+        num_experts=int(cfg.get("n_routed_experts") or cfg.get("num_local_experts") or 0),
+        moe_topk=int(cfg.get("num_experts_per_tok") or 0),
+        routed_scaling_factor=1.0 if scaling is None else float(scaling),
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
+        init_method_std=float(cfg.get("initializer_range") or 0.02),
+        hidden_act="silu",
+        torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+    )

@@ -1,0 +1,78 @@
+"""Layer specs for MiMo-V2-Flash: a pure-torch local backend (CPU or GPU) and a TransformerEngine backend.
+
+Both start from Megatron-Core's GPT specs (which already split dense / MoE layers by ``moe_layer_freq``) and
+swap in the MiMo self-attention and core attention. The MTP layer is a dense SwiGLU layer whose attention is
+always sliding-window (with the SWA sink setting), whatever the decoder's last layer is.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+    get_gpt_mtp_block_spec,
+)
+from megatron.core.transformer import ModuleSpec
+
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_attention import (
+    MiMoV2FlashCoreAttention,
+    MiMoV2FlashSelfAttention,
+    has_attention_sink,
+    layer_attention_kind,
+)
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import SLIDING_ATTENTION
+
+
+def te_core_attention_class():
+    """TransformerEngine core attention with MiMo's per-layer window, sink and V head dim (imported lazily)."""
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    class MiMoV2FlashTECoreAttention(TEDotProductAttention):
+        """TE attention: window (W previous tokens, 0 future) and learnable sink on the layers that have them."""
+
+        def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_kind=None, **kwargs):
+            kind = layer_attention_kind(config, layer_number, attention_kind)
+            config = copy.copy(config)
+            config.window_size = (config.sliding_window_size, 0) if kind == SLIDING_ATTENTION else None
+            config.softmax_type = "learnable" if has_attention_sink(config, kind) else "vanilla"
+            kwargs.setdefault("k_channels", config.kv_channels)
+            kwargs.setdefault("v_channels", config.v_head_dim)
+            super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
+
+    return MiMoV2FlashTECoreAttention
+
+
+def _use_mimo_attention(layer_spec: ModuleSpec, use_te: bool, attention_kind: str | None = None) -> None:
+    attention = layer_spec.submodules.self_attention
+    attention.module = MiMoV2FlashSelfAttention
+    core = te_core_attention_class() if use_te else MiMoV2FlashCoreAttention
+    if attention_kind is not None:
+        attention.params = dict(attention.params, attention_kind=attention_kind)
+        core = functools.partial(core, attention_kind=attention_kind)
+    attention.submodules.core_attention = core
+
+
+def mimo_v2_flash_block_spec(config, vp_stage: int | None = None):
+    """Decoder block spec (dense / MoE per layer) with MiMo attention, for the configured backend."""
+    use_te = config.use_transformer_engine
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage)
+    for layer_spec in spec.layer_specs:
+        _use_mimo_attention(layer_spec, use_te)
+    return spec
+
+
+def mimo_v2_flash_mtp_block_spec(config, vp_stage: int | None = None):
+    """MTP block spec: ``config.mtp_num_layers`` dense SWA layers, or None without MTP."""
+    if not config.mtp_num_layers:
+        return None
+    use_te = config.use_transformer_engine
+    if use_te:
+        layer_spec = get_gpt_layer_with_transformer_engine_spec(num_experts=None, moe_grouped_gemm=False)
+    else:
+        layer_spec = get_gpt_layer_local_spec(num_experts=None, moe_grouped_gemm=False, normalization="RMSNorm")
+    _use_mimo_attention(layer_spec, use_te, attention_kind=SLIDING_ATTENTION)
+    return get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=use_te, vp_stage=vp_stage)

@@ -1,0 +1,157 @@
+"""Megatron-Bridge model provider for MiMo-V2-Flash."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from megatron.core.models.gpt import GPTModel as MCoreGPTModel
+from megatron.core.pipeline_parallel.utils import is_pp_first_stage, is_pp_last_stage, is_vp_first_stage, is_vp_last_stage
+from megatron.core.transformer import ModuleSpec
+
+from megatron.bridge.models.gpt_provider import GPTModelProvider
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_attention import MiMoV2FlashRotaryEmbedding
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
+    FULL_ATTENTION,
+    SLIDING_ATTENTION,
+    MiMoV2FlashConfigError,
+)
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_layer_specs import (
+    mimo_v2_flash_block_spec,
+    mimo_v2_flash_mtp_block_spec,
+)
+from megatron.bridge.utils.vocab_utils import calculate_padded_vocab_size
+
+
+def transformer_engine_usable() -> bool:
+    """TransformerEngine can run here: it is installed and a CUDA device is present."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+@dataclass
+class MiMoV2FlashModelProvider(GPTModelProvider):
+    """MiMo-V2-Flash: hybrid full / sliding-window attention, Q/K head dim != V head dim, sigmoid MoE, MTP.
+
+    ``num_query_groups`` is the KV head count of full-attention layers, ``swa_num_query_groups`` that of
+    sliding-window layers (and MTP layers); ``kv_channels`` is the Q/K head dim and ``v_head_dim`` the V head
+    dim. A sliding-window query attends to itself and the ``sliding_window_size`` previous tokens.
+    """
+
+    transformer_layer_spec: ModuleSpec | Callable = field(default_factory=lambda: mimo_v2_flash_block_spec)
+    use_transformer_engine: bool | None = None
+    """TE backend (GPU) or the pure-torch local backend; None picks TE when TE and CUDA are both present."""
+
+    attention_layer_types: tuple[str, ...] = ()
+    swa_num_query_groups: int = 8
+    v_head_dim: int = 128
+    sliding_window_size: int = 128
+    swa_rotary_base: float = 10_000.0
+    attention_value_scale: float | None = None
+    full_attention_sink: bool = False
+    swa_attention_sink: bool = True
+
+    normalization: str = "RMSNorm"
+    gated_linear_unit: bool = True
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    position_embedding_type: str = "rope"
+    share_embeddings_and_output_weights: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+    moe_router_score_function: str = "sigmoid"
+    moe_router_enable_expert_bias: bool = True
+    moe_router_dtype: str = "fp32"
+    moe_router_load_balancing_type: str = "none"
+    moe_router_bias_update_rate: float = 0.0
+    moe_aux_loss_coeff: float = 0.0
+    moe_grouped_gemm: bool = False
+    moe_token_dispatcher_type: str = "allgather"
+    moe_shared_expert_intermediate_size: int | None = None
+
+    apply_rope_fusion: bool = False
+    masked_softmax_fusion: bool = False
+    bias_activation_fusion: bool = False
+    bias_dropout_fusion: bool = False
+    persist_layer_norm: bool = False
+    gradient_accumulation_fusion: bool = False
+    cross_entropy_loss_fusion: bool = False
+
+    def resolve_backend(self) -> None:
+        """Fix ``use_transformer_engine``; asking for TE where it cannot run is an error."""
+        usable = transformer_engine_usable()
+        if self.use_transformer_engine is None:
+            self.use_transformer_engine = usable
+        elif self.use_transformer_engine and not usable:
+            raise RuntimeError(
+                "MiMo-V2-Flash: the TransformerEngine backend needs CUDA and transformer_engine "
+                f"(cuda available: {torch.cuda.is_available()}, transformer_engine installed: "
+                f"{importlib.util.find_spec('transformer_engine') is not None}); use_transformer_engine=False "
+                "selects the pure-torch local backend"
+            )
+
+    def validate_mimo_layout(self) -> None:
+        """Check MiMo-specific fields; every message names the offending field."""
+        if len(self.attention_layer_types) != self.num_layers:
+            raise MiMoV2FlashConfigError(
+                f"attention_layer_types has {len(self.attention_layer_types)} entries for num_layers={self.num_layers}"
+            )
+        unknown = set(self.attention_layer_types) - {FULL_ATTENTION, SLIDING_ATTENTION}
+        if unknown:
+            raise MiMoV2FlashConfigError(f"attention_layer_types: unknown layer type(s) {sorted(unknown)}")
+        if self.sliding_window_size < 0:
+            raise MiMoV2FlashConfigError(f"sliding_window_size={self.sliding_window_size} must be >= 0")
+        if self.num_moe_experts and self.moe_router_topk < 2:
+            # Megatron-Core does not renormalize a single sigmoid score; MiMo's norm_topk_prob would give 1.0.
+            raise MiMoV2FlashConfigError(f"moe_router_topk={self.moe_router_topk} must be >= 2 (norm_topk_prob)")
+
+    def provide(self, pre_process=None, post_process=None, vp_stage=None) -> MCoreGPTModel:
+        """Build the Megatron-Core GPT model with MiMo attention, dual-base RoPE and the dense-SWA MTP block."""
+        self.resolve_backend()
+        self.validate_mimo_layout()
+        layer_spec = self.transformer_layer_spec
+        if not isinstance(layer_spec, ModuleSpec):
+            layer_spec = layer_spec(self, vp_stage=vp_stage)
+        vocab_size = self.vocab_size
+        if self.should_pad_vocab:
+            vocab_size = calculate_padded_vocab_size(
+                self.vocab_size, self.make_vocab_size_divisible_by, self.tensor_model_parallel_size
+            )
+        vp_size = self.virtual_pipeline_model_parallel_size
+        if pre_process is None:
+            pre_process = is_vp_first_stage(vp_stage, vp_size) and is_pp_first_stage(self._pg_collection.pp)
+        if post_process is None:
+            post_process = is_vp_last_stage(vp_stage, vp_size) and is_pp_last_stage(self._pg_collection.pp)
+        self._vp_stage = vp_stage
+        with torch.device("meta") if self.init_model_with_meta_device else contextlib.nullcontext():
+            model = MCoreGPTModel(
+                self,
+                transformer_layer_spec=layer_spec,
+                vocab_size=vocab_size,
+                max_sequence_length=self.seq_length,
+                fp16_lm_cross_entropy=self.fp16_lm_cross_entropy,
+                parallel_output=self.parallel_output,
+                share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
+                position_embedding_type="rope",
+                rotary_percent=self.rotary_percent,
+                rotary_base=self.rotary_base,
+                pre_process=pre_process,
+                post_process=post_process,
+                pg_collection=self._pg_collection,
+                vp_stage=vp_stage,
+                mtp_block_spec=mimo_v2_flash_mtp_block_spec(self, vp_stage=vp_stage),
+            )
+            model.rotary_pos_emb = MiMoV2FlashRotaryEmbedding(
+                swa_rotary_base=self.swa_rotary_base,
+                kv_channels=self.kv_channels,
+                rotary_percent=self.rotary_percent,
+                rotary_interleaved=self.rotary_interleaved,
+                rotary_base=self.rotary_base,
+                use_cpu_initialization=self.use_cpu_initialization or not torch.cuda.is_available(),
+                cp_group=self._pg_collection.cp,
+            )
+        return model
+

@@ -1,0 +1,30 @@
+"""Process-group and Megatron parallel-state set-up for scripts and tests (single process or torchrun)."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import (
+    apply_cpu_adaptations,
+    cuda_absent,
+    init_single_process_group,
+)
+
+
+def initialize_parallel_state(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234) -> None:
+    """Initialize torch.distributed and Megatron's model-parallel groups (idempotent for the same layout)."""
+    apply_cpu_adaptations()
+    init_single_process_group()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp if etp is not None else tp,
+    )
+    # Without CUDA there are no CUDA RNG states to track; the inference tracker keeps fork() a no-op.
+    model_parallel_cuda_manual_seed(seed, inference_rng_tracker=cuda_absent())
+    torch.manual_seed(seed)

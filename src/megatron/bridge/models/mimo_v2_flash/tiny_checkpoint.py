@@ -1,0 +1,190 @@
+"""The built-in tiny MiMo-V2-Flash: a random Hugging Face checkpoint with every feature of the real model.
+
+Written by transformers' native ``MiMoV2FlashForCausalLM`` (``save_pretrained`` produces hub tensor names),
+plus MTP layers under ``model.mtp.layers.N`` (which transformers does not model), a config carrying both the
+hub and the native spellings, and a small byte-level BPE tokenizer trained here. Used by the demo and the tests;
+nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import FULL_ATTENTION, SLIDING_ATTENTION
+
+TINY_CORPUS = (
+    "MiMo-V2-Flash is a mixture of experts language model with hybrid sliding window attention. "
+    "Megatron-Bridge converts checkpoints between Hugging Face and Megatron-Core. "
+    "The quick brown fox jumps over the lazy dog. 0123456789 "
+    "User: hello! Assistant: hi, how can I help you today? "
+)
+
+
+def tiny_config(**overrides: Any) -> dict[str, Any]:
+    """Hub-form config of a small MiMo-V2-Flash (native fields are added when the checkpoint is written)."""
+    cfg: dict[str, Any] = {
+        "architectures": ["MiMoV2FlashForCausalLM"],
+        "model_type": "mimo_v2_flash",
+        "vocab_size": 384,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "moe_intermediate_size": 32,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "swa_num_key_value_heads": 2,
+        "head_dim": 24,
+        "v_head_dim": 16,
+        "hybrid_layer_pattern": [0, 1, 1, 0],
+        "moe_layer_freq": [0, 1, 1, 1],
+        "sliding_window_size": 4,
+        "rope_theta": 5_000_000.0,
+        "swa_rope_theta": 10_000.0,
+        "partial_rotary_factor": 0.334,
+        "layernorm_epsilon": 1e-5,
+        "attention_value_scale": 0.707,
+        "add_full_attention_sink_bias": False,
+        "add_swa_attention_sink_bias": True,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": None,
+        "max_position_embeddings": 256,
+        "initializer_range": 0.1,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def with_native_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Add transformers-native fields matching the hub fields (what transformers >= 5.20 reads)."""
+    rope = lambda theta: {  # noqa: E731
+        "rope_type": "default",
+        "rope_theta": theta,
+        "partial_rotary_factor": cfg["partial_rotary_factor"],
+    }
+    return {
+        **cfg,
+        "layer_types": [SLIDING_ATTENTION if v else FULL_ATTENTION for v in cfg["hybrid_layer_pattern"]],
+        "mlp_layer_types": ["sparse" if v else "dense" for v in cfg["moe_layer_freq"]],
+        "rope_parameters": {FULL_ATTENTION: rope(cfg["rope_theta"]), SLIDING_ATTENTION: rope(cfg["swa_rope_theta"])},
+        "rms_norm_eps": cfg["layernorm_epsilon"],
+        "sliding_window": cfg["sliding_window_size"] + 1,
+    }
+
+
+def native_model(cfg: dict[str, Any], seed: int = 0):
+    """transformers' ``MiMoV2FlashForCausalLM`` for a hub/native config dict, with every buffer randomized."""
+    from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
+
+    native = with_native_fields(cfg)
+    if native["swa_num_key_value_heads"] != 2 * native["num_key_value_heads"]:
+        raise ValueError("transformers' native model hard-codes SWA KV heads = 2 x full KV heads")
+    allowed = set(MiMoV2FlashConfig.__dataclass_fields__) | {"architectures", "torch_dtype", "dtype"}
+    torch.manual_seed(seed)
+    config = MiMoV2FlashConfig(**{k: v for k, v in native.items() if k in allowed and v is not None})
+    config._attn_implementation = "eager"
+    model = MiMoV2FlashForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.rand_like(buffer) * 0.2)
+    return model
+
+
+def mtp_tensors(cfg: dict[str, Any], num_layers: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random MTP layers in hub naming (dense SwiGLU, SWA attention with sink)."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    hidden, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["swa_num_key_value_heads"]
+    dk, dv, ffn = cfg["head_dim"], cfg["v_head_dim"], cfg["intermediate_size"]
+    std = cfg["initializer_range"]
+
+    def rand(*shape: int, mean: float = 0.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * std + mean
+
+    tensors = {}
+    for i in range(num_layers):
+        p = f"model.mtp.layers.{i}."
+        tensors.update(
+            {
+                p + "enorm.weight": rand(hidden, mean=1.0),
+                p + "hnorm.weight": rand(hidden, mean=1.0),
+                p + "eh_proj.weight": rand(hidden, 2 * hidden),
+                p + "input_layernorm.weight": rand(hidden, mean=1.0),
+                p + "self_attn.q_proj.weight": rand(heads * dk, hidden),
+                p + "self_attn.k_proj.weight": rand(kv * dk, hidden),
+                p + "self_attn.v_proj.weight": rand(kv * dv, hidden),
+                p + "self_attn.o_proj.weight": rand(hidden, heads * dv),
+                p + "self_attn.attention_sink_bias": rand(heads),
+                p + "pre_mlp_layernorm.weight": rand(hidden, mean=1.0),
+                p + "mlp.gate_proj.weight": rand(ffn, hidden),
+                p + "mlp.up_proj.weight": rand(ffn, hidden),
+                p + "mlp.down_proj.weight": rand(hidden, ffn),
+                p + "final_layernorm.weight": rand(hidden, mean=1.0),
+            }
+        )
+    return tensors
+
+
+def write_tokenizer(directory: Path, vocab_size: int) -> None:
+    """Train a byte-level BPE tokenizer on the built-in corpus and save it in HF format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([TINY_CORPUS] * 4, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.save_pretrained(str(directory))
+
+
+def write_tiny_checkpoint(
+    directory: str | Path, cfg: dict[str, Any] | None = None, mtp_layers: int = 1, seed: int = 0, tokenizer: bool = True
+) -> Path:
+    """Write a random MiMo-V2-Flash HF checkpoint (fp32 safetensors, sharded, with MTP) into ``directory``."""
+    directory = Path(directory)
+    cfg = cfg or tiny_config()
+    model = native_model(cfg, seed)
+    model.save_pretrained(str(directory), safe_serialization=True, max_shard_size="200KB")
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(directory / "model.safetensors"), "pt") as handle:
+            index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in handle.keys()}}
+    if mtp_layers:
+        extra = mtp_tensors(cfg, mtp_layers, seed)
+        save_file(extra, str(directory / "model-mtp.safetensors"), metadata={"format": "pt"})
+        index["weight_map"].update({name: "model-mtp.safetensors" for name in extra})
+    total = 0
+    for shard in sorted(set(index["weight_map"].values())):
+        total += (directory / shard).stat().st_size
+    index["metadata"]["total_size"] = total
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
+    (directory / "config.json").write_text(json.dumps(with_native_fields(cfg), indent=2))
+    if tokenizer:
+        write_tokenizer(directory, cfg["vocab_size"])
+    return directory
