@@ -55,6 +55,7 @@ class MiMoV2FlashModelProvider(GPTModelProvider):
 
     normalization: str = "RMSNorm"
     gated_linear_unit: bool = True
+    activation_func: Callable = torch.nn.functional.silu
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
     position_embedding_type: str = "rope"
