@@ -1,0 +1,86 @@
+"""Load a MiMo-V2-Flash Megatron model (from HF through the bridge) and run greedy generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import cuda_absent
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def configure_provider(
+    provider,
+    dtype: torch.dtype,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    parallel_output: bool = False,
+):
+    """Apply dtype and parallel layout to a provider (``parallel_output=False``: full logits on every rank)."""
+    provider.params_dtype = dtype
+    provider.bf16 = dtype == torch.bfloat16
+    provider.fp16 = False
+    provider.pipeline_dtype = dtype
+    provider.tensor_model_parallel_size = tp
+    provider.pipeline_model_parallel_size = pp
+    provider.expert_model_parallel_size = ep
+    provider.expert_tensor_parallel_size = etp if etp is not None else tp
+    provider.sequence_parallel = False
+    provider.parallel_output = parallel_output
+    provider.use_cpu_initialization = cuda_absent()
+    provider.finalize()
+    return provider
+
+
+def build_model(provider) -> torch.nn.Module:
+    """Instantiate (and, with the provider's pre-wrap hooks, load) the model; returns the single model chunk."""
+    models = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=cuda_absent())
+    if len(models) != 1:
+        raise NotImplementedError("virtual pipeline stages are not supported for generation")
+    model = models[0]
+    model.eval()
+    return model
+
+
+def load_from_hf(hf_path: str | Path, dtype: torch.dtype = torch.float32, **layout) -> torch.nn.Module:
+    """HF checkpoint -> Megatron model through ``AutoBridge`` (weights streamed through the mapping registry)."""
+    from megatron.bridge import AutoBridge
+
+    bridge = AutoBridge.from_hf_pretrained(str(hf_path))
+    provider = configure_provider(bridge.to_megatron_provider(load_weights=True), dtype, **layout)
+    return build_model(provider)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def forward_logits(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
+    """Logits ``[len(token_ids), vocab]`` (fp32) of one sequence's forward pass."""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise NotImplementedError("pipeline-parallel generation is not supported yet")
+    device = _device(model)
+    ids = torch.tensor([token_ids], dtype=torch.long, device=device)
+    positions = torch.arange(len(token_ids), device=device).unsqueeze(0)
+    logits = model(ids, positions, None)
+    return logits[0].float()
+
+
+@torch.no_grad()
+def greedy_generate(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None):
+    """Greedy decoding by re-running the full sequence each step (exact; no KV cache). Returns new ids."""
+    tokens = list(prompt_ids)
+    new_tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        next_id = int(forward_logits(model, tokens)[-1].argmax())
+        tokens.append(next_id)
+        new_tokens.append(next_id)
+        if eos_id is not None and next_id == eos_id:
+            break
+    return new_tokens

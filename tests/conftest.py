@@ -1,0 +1,33 @@
+"""Shared fixtures: one Megatron parallel state per test process, tiny checkpoints built on the fly."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from mimo_v2_flash_overlay import quiet_framework_logs
+
+quiet_framework_logs()
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def parallel_state():
+    """Single-process gloo group + Megatron model-parallel state (TP=PP=EP=1)."""
+    from megatron.bridge.models.mimo_v2_flash.runtime import initialize_parallel_state
+
+    initialize_parallel_state()
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    """The default tiny checkpoint (fp32, one MTP layer, tokenizer)."""
+    from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "hf", mtp_layers=1)
