@@ -62,7 +62,7 @@ def _inert_transformer_engine() -> types.ModuleType:
     pytorch.fp8_autocast = _Absent
     te = types.ModuleType("transformer_engine")
     te.pytorch = pytorch
-    te.__mimo_v2_flash_stand_in__ = True
+    te.__mimo_v2_flash_stand_in__ = pytorch.__mimo_v2_flash_stand_in__ = True
     return te
 
 
