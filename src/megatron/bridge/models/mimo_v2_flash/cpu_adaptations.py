@@ -35,11 +35,38 @@ def apply_cpu_adaptations() -> bool:
     ``models/common/embeddings/rotary_pos_embedding.py`` (``inv_freq`` placement without
     ``use_cpu_initialization``). In those places the returned value is only used as a ``device=`` argument, so
     the CPU device is the faithful answer; with CUDA present the function is left untouched.
+
+
+    ``torch.cuda.get_rng_state`` / ``set_rng_state`` -> an empty state / a no-op for that empty state.
+    ``megatron/bridge/training/checkpointing.py`` (``get_rng_state``, called by every ``save_checkpoint``,
+    including ``model_load_save.save_megatron_model``) records the CUDA RNG state unconditionally and fails with
+    ``Found no NVIDIA driver``. Without CUDA there is no CUDA RNG, so its faithful state is empty; restoring
+    anything but that empty state still raises.
+
+    ``torch.cuda.synchronize`` -> no-op. ``megatron/core/dist_checkpointing/strategies/filesystem_async.py``
+    (``preload_tensors``, every distributed-checkpoint save) and ``megatron/core/timers.py`` synchronize the
+    device unconditionally; with no CUDA stream there is nothing to wait for.
     """
     if not cuda_absent():
         return False
     torch.cuda.current_device = _cpu_current_device
+    torch.cuda.get_rng_state = _empty_cuda_rng_state
+    torch.cuda.set_rng_state = _restore_empty_cuda_rng_state
+    torch.cuda.synchronize = _nothing_to_synchronize
     return True
+
+
+def _nothing_to_synchronize(device=None) -> None:
+    return None
+
+
+def _empty_cuda_rng_state(device="cuda") -> torch.Tensor:
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def _restore_empty_cuda_rng_state(new_state: torch.Tensor, device="cuda") -> None:
+    if new_state.numel():
+        raise RuntimeError("cannot restore a CUDA RNG state on a machine without CUDA")
 
 
 def init_single_process_group(backend: str | None = None) -> None:

@@ -17,6 +17,8 @@ from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
     load_config_dict,
     parse_architecture,
 )
+from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import HFCheckpoint
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8Checkpoint
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import mimo_v2_flash_mapping_registry
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import MiMoV2FlashModelProvider
 
@@ -153,6 +155,29 @@ class MiMoV2FlashBridge(MegatronModelBridge):
             "routed_scaling_factor": provider.moe_router_topk_scaling_factor,
             "n_shared_experts": None,
         }
+
+    def maybe_modify_loaded_hf_weight(self, hf_param, hf_state_dict):
+        """Read HF weights through the validating, exactly-dequantizing FP8 view of the checkpoint.
+
+        fp32 is returned for FP8 weights (the product is computed in fp32); the mapping casts once to the
+        parameter dtype. Non-FP8 weights pass through unchanged.
+        """
+        reader = self._checkpoint_reader(hf_state_dict)
+        if reader is None:
+            return super().maybe_modify_loaded_hf_weight(hf_param, hf_state_dict)
+        if isinstance(hf_param, str):
+            return reader.get(hf_param)
+        return {key: reader.get(name) for key, name in hf_param.items()}
+
+    def _checkpoint_reader(self, hf_state_dict):
+        source = getattr(hf_state_dict, "source", None)
+        path = getattr(source, "path", None)
+        if path is None or not Path(path).is_dir():
+            return None
+        cached = getattr(self, "_reader", None)
+        if cached is None or cached.checkpoint.directory != Path(path):
+            self._reader = FP8Checkpoint(HFCheckpoint(path))
+        return self._reader
 
     def mapping_registry(self) -> MegatronMappingRegistry:
         """HF <-> Megatron parameter mappings (see ``mimo_v2_flash_mappings``)."""

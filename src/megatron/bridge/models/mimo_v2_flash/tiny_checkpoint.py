@@ -188,3 +188,62 @@ def write_tiny_checkpoint(
     if tokenizer:
         write_tokenizer(directory, cfg["vocab_size"])
     return directory
+
+
+FP8_EXCLUDED = ("o_proj", "eh_proj", "mlp.gate.", "embed_tokens", "lm_head", "norm", "attention_sink_bias")
+
+
+def is_fp8_quantized_in_release(name: str) -> bool:
+    """Which hub tensors the released checkpoint stores as FP8 (2-D projections except o_proj/eh_proj/router)."""
+    return name.endswith("_proj.weight") and not any(part in name for part in FP8_EXCLUDED)
+
+
+def write_fp8_checkpoint(src: str | Path, dst: str | Path, block: tuple[int, int] = (16, 16)) -> Path:
+    """Re-save an HF checkpoint the way MiMo-V2-Flash was released: block FP8 projections (K|V fused per head),
+    BF16 for the rest, ``e_score_correction_bias`` kept fp32, ``quantization_config`` in config.json."""
+    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import HFCheckpoint
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import parse_architecture
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import quantize_blockwise, quantize_fused_kv
+
+    src, dst = Path(src), Path(dst)
+    ckpt = HFCheckpoint(src)
+    arch = parse_architecture(ckpt.config)
+    dst.mkdir(parents=True, exist_ok=False)
+    weight_map: dict[str, str] = {}
+    shards = sorted(set(ckpt.weight_map.values()))
+    for shard in shards:
+        out: dict[str, torch.Tensor] = {}
+        for name in sorted(n for n, s in ckpt.weight_map.items() if s == shard):
+            tensor = ckpt.get(name)
+            if name.endswith("self_attn.v_proj.weight"):
+                continue  # written together with its k_proj
+            if name.endswith("self_attn.k_proj.weight"):
+                v_name = name.replace("k_proj", "v_proj")
+                kv_heads = tensor.shape[0] // arch.head_dim
+                qk, sk, qv, sv = quantize_fused_kv(tensor, ckpt.get(v_name), kv_heads, block)
+                out.update({name: qk, name + "_scale_inv": sk, v_name: qv, v_name + "_scale_inv": sv})
+            elif is_fp8_quantized_in_release(name):
+                q, s = quantize_blockwise(tensor, block)
+                out.update({name: q, name + "_scale_inv": s})
+            elif name.endswith("e_score_correction_bias"):
+                out[name] = tensor.float()
+            else:
+                out[name] = tensor.to(torch.bfloat16)
+        save_file({k: v.contiguous() for k, v in out.items()}, str(dst / shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in out})
+    total = sum((dst / shard).stat().st_size for shard in shards)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = dict(ckpt.config, torch_dtype="bfloat16")
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+        "ignored_layers": sorted(n[: -len(".weight")] for n in weight_map if n.endswith("o_proj.weight")),
+    }
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    for extra in src.iterdir():
+        if extra.is_file() and not extra.name.endswith((".safetensors", ".json")) or extra.name.startswith("tokenizer"):
+            (dst / extra.name).write_bytes(extra.read_bytes())
+    return dst

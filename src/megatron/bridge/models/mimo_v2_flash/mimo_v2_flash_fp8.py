@@ -1,0 +1,224 @@
+"""Exact block-wise FP8 (``float8_e4m3fn`` + ``<name>_scale_inv``) dequantization for MiMo-V2-Flash checkpoints.
+
+``value = fp8.float() * scale_inv[block]`` in fp32, cast once to the target dtype. Which scale a weight row
+uses depends on how the checkpoint was quantized; two layouts are known and each is handled exactly:
+
+* ``grid``: rows and columns cut into ``weight_block_size`` blocks from 0 (``ceil(rows / bm)`` scale rows,
+  the last block possibly partial);
+* ``fused_kv``: K and V of each KV head were quantized as one ``[dk + dv, cols]`` matrix, so per head K uses
+  ``ceil(dk / bm)`` scale rows, V the blocks from ``dk // bm`` to ``(dk + dv - 1) // bm``, and when ``dk`` is not
+  a multiple of ``bm`` one block (one scale) is shared by the end of K and the start of V. The released
+  checkpoint's full-attention ``k_proj [768, 4096]`` with scale ``[8, 32]`` is this layout (dk 192, dv 128).
+
+The layout is chosen from the shapes and confirmed from the data: the shared block of head ``h`` must carry
+the same scale in K and in V, and where two layouts fit the shapes but assign scales differently, the one in
+which every block reaches the FP8 maximum (amax scaling) wins. A layout nothing explains is an error naming the
+tensor and both shapes; block sizes are never guessed from ``rows // scale_rows``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max
+SCALE_SUFFIX = "_scale_inv"
+
+
+@dataclass(frozen=True)
+class ScaleLayout:
+    """How the rows of one weight map to rows of its scale tensor."""
+
+    kind: str
+    row_to_scale_row: torch.Tensor
+    evidence: str
+
+
+def grid_row_map(rows: int, block: int) -> torch.Tensor:
+    return torch.arange(rows) // block
+
+
+def fused_kv_row_map(which: str, num_heads: int, dk: int, dv: int, block: int) -> torch.Tensor:
+    """Scale row of each K (``which='k'``) or V row when K|V of every head were quantized fused."""
+    k_blocks = (dk - 1) // block + 1
+    v_first, v_last = dk // block, (dk + dv - 1) // block
+    if which == "k":
+        rows = torch.arange(dk)
+        return torch.cat([h * k_blocks + rows // block for h in range(num_heads)])
+    rows = torch.arange(dv)
+    return torch.cat([h * (v_last - v_first + 1) + (dk + rows) // block - v_first for h in range(num_heads)])
+
+
+def expand_scale(scale: torch.Tensor, row_map: torch.Tensor, cols: int, col_block: int) -> torch.Tensor:
+    """Per-element fp32 scale ``[rows, cols]`` from a block scale tensor."""
+    return scale.float()[row_map][:, torch.arange(cols) // col_block]
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, col_block: int, dtype: torch.dtype):
+    """Exact dequantization: fp32 product, one cast to ``dtype``."""
+    return (weight.float() * expand_scale(scale, layout.row_to_scale_row, weight.shape[1], col_block)).to(dtype)
+
+
+def amax_fraction(weight: torch.Tensor, row_map: torch.Tensor, col_block: int, num_scale_rows: int) -> float:
+    """Fraction of blocks whose largest |value| is the FP8 maximum (1.0 for amax-scaled quantization)."""
+    magnitude = weight.float().abs()
+    col_map = torch.arange(weight.shape[1]) // col_block
+    block_ids = row_map[:, None] * (int(col_map.max()) + 1) + col_map[None, :]
+    block_max = torch.zeros(num_scale_rows * (int(col_map.max()) + 1)).scatter_reduce(
+        0, block_ids.flatten(), magnitude.flatten(), reduce="amax"
+    )
+    return float((block_max == FP8_MAX).float().mean())
+
+
+class FP8Checkpoint:
+    """Dequantizing view of an :class:`HFCheckpoint`: weights come out in a float dtype, scales are hidden."""
+
+    def __init__(self, checkpoint: HFCheckpoint) -> None:
+        self.checkpoint = checkpoint
+        config = checkpoint.config
+        quant = config.get("quantization_config") or {}
+        self.block = tuple(quant["weight_block_size"]) if quant.get("weight_block_size") else None
+        self.head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+        self.v_head_dim = int(config.get("v_head_dim") or self.head_dim)
+        self._layouts: dict[str, ScaleLayout] = {}
+        self._check_pairs()
+
+    @property
+    def is_fp8(self) -> bool:
+        return any(self.checkpoint.dtype(n) == FP8_DTYPE for n in self.checkpoint.keys())
+
+    def _check_pairs(self) -> None:
+        names = set(self.checkpoint.keys())
+        for name in sorted(names):
+            if name.endswith(SCALE_SUFFIX):
+                if name[: -len(SCALE_SUFFIX)] not in names:
+                    raise CheckpointError(f"{self.checkpoint.file_of(name)}: scale {name} has no weight")
+            elif self.checkpoint.dtype(name) == FP8_DTYPE:
+                if name + SCALE_SUFFIX not in names:
+                    raise CheckpointError(f"{self.checkpoint.file_of(name)}: FP8 weight {name} has no {SCALE_SUFFIX}")
+                if self.block is None:
+                    raise CheckpointError(
+                        f"{self.checkpoint.directory / 'config.json'}: FP8 weights (e.g. {name}) but no "
+                        "quantization_config.weight_block_size"
+                    )
+                if len(self.checkpoint.shape(name)) != 2:
+                    raise CheckpointError(f"{self.checkpoint.file_of(name)}: FP8 weight {name} is not 2-D")
+
+    def weight_names(self) -> list[str]:
+        return [n for n in self.checkpoint.keys() if not n.endswith(SCALE_SUFFIX)]
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor as stored, or dequantized exactly if FP8 (to ``dtype``, default fp32)."""
+        tensor = self.checkpoint.get(name)
+        if tensor.dtype != FP8_DTYPE:
+            return tensor if dtype is None else tensor.to(dtype)
+        scale = self.checkpoint.get(name + SCALE_SUFFIX)
+        return dequantize(tensor, scale, self.layout(name), self.block[1], dtype or torch.float32)
+
+    def layout(self, name: str) -> ScaleLayout:
+        if name not in self._layouts:
+            self._layouts[name] = self._detect(name)
+        return self._layouts[name]
+
+    def _candidates(self, name: str) -> dict[str, torch.Tensor]:
+        rows, cols = self.checkpoint.shape(name)
+        scale_rows, scale_cols = self.checkpoint.shape(name + SCALE_SUFFIX)
+        bm, bn = self.block
+        if scale_cols != math.ceil(cols / bn):
+            raise CheckpointError(self._unexplained(name, f"scale has {scale_cols} column blocks, expected {math.ceil(cols / bn)}"))
+        candidates = {}
+        if scale_rows == math.ceil(rows / bm):
+            candidates["grid"] = grid_row_map(rows, bm)
+        which = "k" if name.endswith("self_attn.k_proj.weight") else "v" if name.endswith("self_attn.v_proj.weight") else None
+        head = self.head_dim if which == "k" else self.v_head_dim
+        if which and rows % head == 0:
+            heads = rows // head
+            row_map = fused_kv_row_map(which, heads, self.head_dim, self.v_head_dim, bm)
+            if int(row_map.max()) + 1 == scale_rows:
+                candidates["fused_kv"] = row_map
+        return candidates
+
+    def _unexplained(self, name: str, why: str) -> str:
+        return (
+            f"{self.checkpoint.file_of(name)}: cannot explain the FP8 scale layout of {name}: weight "
+            f"{self.checkpoint.shape(name)}, scale {self.checkpoint.shape(name + SCALE_SUFFIX)}, block {self.block} ({why})"
+        )
+
+    def shared_scale_check(self, k_name: str) -> tuple[int, int] | None:
+        """For a k_proj: (heads whose shared K|V block has equal scales, heads checked); None if not applicable."""
+        bm = self.block[0]
+        v_name = k_name.replace("k_proj.weight", "v_proj.weight")
+        if self.head_dim % bm == 0 or v_name + SCALE_SUFFIX not in self.checkpoint:
+            return None
+        heads = self.checkpoint.shape(k_name)[0] // self.head_dim
+        k_scale, v_scale = self.checkpoint.get(k_name + SCALE_SUFFIX), self.checkpoint.get(v_name + SCALE_SUFFIX)
+        k_per_head = (self.head_dim - 1) // bm + 1
+        v_per_head = (self.head_dim + self.v_head_dim - 1) // bm - self.head_dim // bm + 1
+        if k_scale.shape[0] != heads * k_per_head or v_scale.shape[0] != heads * v_per_head:
+            return 0, heads
+        equal = sum(
+            bool(torch.equal(k_scale[h * k_per_head + k_per_head - 1], v_scale[h * v_per_head])) for h in range(heads)
+        )
+        return equal, heads
+
+    def _detect(self, name: str) -> ScaleLayout:
+        candidates = self._candidates(name)
+        if not candidates:
+            raise CheckpointError(self._unexplained(name, "neither the block grid nor the fused K|V layout fits"))
+        k_name = name.replace("v_proj.weight", "k_proj.weight")
+        shared = self.shared_scale_check(k_name) if "fused_kv" in candidates else None
+        if shared is not None and shared[0] != shared[1] and "grid" not in candidates:
+            raise CheckpointError(
+                self._unexplained(name, f"shapes fit the fused K|V layout but only {shared[0]}/{shared[1]} heads share the K|V scale")
+            )
+        if len(candidates) == 1 or torch.equal(*candidates.values()):
+            kind = "fused_kv" if "fused_kv" in candidates and "grid" not in candidates else "grid"
+            evidence = f"scale rows fit '{kind}' only" if len(candidates) == 1 else "grid and fused K|V coincide"
+            if shared is not None:
+                evidence += f"; K|V shared-block scales equal for {shared[0]}/{shared[1]} heads"
+            return ScaleLayout(kind, candidates[kind] if kind in candidates else candidates["grid"], evidence)
+        # Both fit the shapes and assign scales differently: decide from the data.
+        weight = self.checkpoint.get(name)
+        scale_rows = self.checkpoint.shape(name + SCALE_SUFFIX)[0]
+        fractions = {kind: amax_fraction(weight, row_map, self.block[1], scale_rows) for kind, row_map in candidates.items()}
+        winners = [kind for kind, fraction in fractions.items() if fraction == 1.0]
+        if shared is not None and shared[0] != shared[1]:
+            winners = [kind for kind in winners if kind != "fused_kv"]
+        if len(winners) != 1:
+            raise CheckpointError(self._unexplained(name, f"ambiguous: blocks at FP8 max per layout {fractions}"))
+        evidence = f"ambiguous shapes; every block reaches the FP8 max only under '{winners[0]}' ({fractions})"
+        return ScaleLayout(winners[0], candidates[winners[0]], evidence)
+
+
+def quantize_blockwise(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Amax-scaled block FP8 quantization on the plain grid (how checkpoints are produced; used for fixtures)."""
+    bm, bn = block
+    rows, cols = weight.shape
+    scale = torch.empty(math.ceil(rows / bm), math.ceil(cols / bn))
+    quantized = torch.empty(rows, cols, dtype=FP8_DTYPE)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            tile = weight[i * bm : (i + 1) * bm, j * bn : (j + 1) * bn].float()
+            amax = tile.abs().max().clamp(min=1e-12)
+            scale[i, j] = amax / FP8_MAX
+            quantized[i * bm : (i + 1) * bm, j * bn : (j + 1) * bn] = (tile / scale[i, j]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return quantized, scale
+
+
+def quantize_fused_kv(k: torch.Tensor, v: torch.Tensor, num_heads: int, block: tuple[int, int]):
+    """Quantize K and V the way the release did: per KV head, ``[K_h; V_h]`` as one matrix on the grid."""
+    dk, dv = k.shape[0] // num_heads, v.shape[0] // num_heads
+    qk, sk, qv, sv = [], [], [], []
+    bm = block[0]
+    for h in range(num_heads):
+        fused_q, fused_s = quantize_blockwise(torch.cat([k[h * dk : (h + 1) * dk], v[h * dv : (h + 1) * dv]]), block)
+        qk.append(fused_q[:dk])
+        qv.append(fused_q[dk:])
+        sk.append(fused_s[: (dk - 1) // bm + 1])
+        sv.append(fused_s[dk // bm :])
+    return torch.cat(qk), torch.cat(sk), torch.cat(qv), torch.cat(sv)
