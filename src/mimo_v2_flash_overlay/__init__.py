@@ -132,7 +132,7 @@ def quiet_framework_logs() -> None:
     import logging
     import warnings
 
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|modelopt)(\..*)?")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("megatron.bridge.utils.import_utils", "megatron.core", "megatron.bridge", "torch.utils.cpp_extension"):

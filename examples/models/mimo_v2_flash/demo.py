@@ -26,7 +26,8 @@ REPO = HERE.parents[2]
 def step(title: str, command: list[str]) -> None:
     print(f"\n== {title}\n$ {' '.join(command)}", flush=True)
     start = time.perf_counter()
-    subprocess.run(command, check=True)
+    if subprocess.run(command).returncode != 0:
+        raise SystemExit(f"demo failed at step: {title}")
     print(f"   ({time.perf_counter() - start:.1f} s)", flush=True)
 
 

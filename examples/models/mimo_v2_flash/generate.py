@@ -50,9 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     if not checkpoint_dir.is_dir():
         print(f"error: {checkpoint_dir}: not a directory", file=sys.stderr)
         return 2
+    tokenizer_dir = checkpoint_dir
+    if args.megatron_path is not None:
+        from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import latest_iteration_dir
+
+        tokenizer_dir = latest_iteration_dir(checkpoint_dir) / "tokenizer"
     tokenizer = None
-    if args.prompt is not None or (checkpoint_dir / "tokenizer.json").exists():
-        tokenizer = _load_tokenizer(checkpoint_dir, required=args.prompt is not None)
+    if args.prompt is not None or (tokenizer_dir / "tokenizer.json").exists():
+        tokenizer = _load_tokenizer(tokenizer_dir, required=args.prompt is not None)
     if args.prompt_ids is not None:
         try:
             prompt_ids = [int(v) for v in args.prompt_ids.split(",") if v.strip()]

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError, parse_architecture
-from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import tiny_config, with_native_fields
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
+    MiMoV2FlashConfigError,
+    parse_architecture,
+    with_native_fields,
+)
+from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import tiny_config
 
 HUB_ONLY = tiny_config(
     hybrid_layer_pattern=[1, 0, 0, 1], moe_layer_freq=[1, 0, 1, 1], rope_theta=123.0, swa_rope_theta=7.0

@@ -234,3 +234,20 @@ def parse_architecture(cfg: dict[str, Any]) -> MiMoV2FlashArchitecture:
         hidden_act="silu",
         torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
     )
+
+
+def with_native_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Add transformers-native fields matching the hub fields (what transformers >= 5.20 reads)."""
+    rope = lambda theta: {  # noqa: E731
+        "rope_type": "default",
+        "rope_theta": theta,
+        "partial_rotary_factor": cfg["partial_rotary_factor"],
+    }
+    return {
+        **cfg,
+        "layer_types": [SLIDING_ATTENTION if v else FULL_ATTENTION for v in cfg["hybrid_layer_pattern"]],
+        "mlp_layer_types": ["sparse" if v else "dense" for v in cfg["moe_layer_freq"]],
+        "rope_parameters": {FULL_ATTENTION: rope(cfg["rope_theta"]), SLIDING_ATTENTION: rope(cfg["swa_rope_theta"])},
+        "rms_norm_eps": cfg["layernorm_epsilon"],
+        "sliding_window": cfg["sliding_window_size"] + 1,
+    }

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import FULL_ATTENTION, SLIDING_ATTENTION
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import with_native_fields
 
 TINY_CORPUS = (
     "MiMo-V2-Flash is a mixture of experts language model with hybrid sliding window attention. "
@@ -66,23 +66,6 @@ def tiny_config(**overrides: Any) -> dict[str, Any]:
     }
     cfg.update(overrides)
     return cfg
-
-
-def with_native_fields(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Add transformers-native fields matching the hub fields (what transformers >= 5.20 reads)."""
-    rope = lambda theta: {  # noqa: E731
-        "rope_type": "default",
-        "rope_theta": theta,
-        "partial_rotary_factor": cfg["partial_rotary_factor"],
-    }
-    return {
-        **cfg,
-        "layer_types": [SLIDING_ATTENTION if v else FULL_ATTENTION for v in cfg["hybrid_layer_pattern"]],
-        "mlp_layer_types": ["sparse" if v else "dense" for v in cfg["moe_layer_freq"]],
-        "rope_parameters": {FULL_ATTENTION: rope(cfg["rope_theta"]), SLIDING_ATTENTION: rope(cfg["swa_rope_theta"])},
-        "rms_norm_eps": cfg["layernorm_epsilon"],
-        "sliding_window": cfg["sliding_window_size"] + 1,
-    }
 
 
 def native_model(cfg: dict[str, Any], seed: int = 0):

@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""Convert MiMo-V2-Flash checkpoints between Hugging Face and Megatron-Core.
+
+  import       HF (FP8 release or BF16/FP32) -> Megatron distributed checkpoint
+  export       Megatron checkpoint (or a fine-tuning --output dir) -> HF BF16 shards in hub layout
+  inspect-fp8  report the FP8 scale layout of every tensor kind and the evidence for it
+
+Examples:
+  python convert_checkpoints.py import --hf-model /ckpt/MiMo-V2-Flash --megatron-path /ckpt/mimo_mcore
+  python convert_checkpoints.py export --hf-model /ckpt/MiMo-V2-Flash --megatron-path /ckpt/mimo_mcore \\
+      --hf-path /ckpt/mimo_export_bf16
+  python convert_checkpoints.py inspect-fp8 --hf-model /ckpt/MiMo-V2-Flash
+
+Outputs are written to a temporary sibling directory and renamed at the end: a failed run leaves nothing.
+Expected problems (bad or truncated files, missing tensors or scales, wrong shapes) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mimo_v2_flash_overlay import quiet_framework_logs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    imp = commands.add_parser("import", help="HF -> Megatron distributed checkpoint")
+    imp.add_argument("--hf-model", type=Path, required=True, help="HF checkpoint directory (FP8 or BF16/FP32)")
+    imp.add_argument("--megatron-path", type=Path, required=True, help="output Megatron checkpoint directory")
+    imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
+    imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    imp.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
+    imp.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
+    imp.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="stored dtype (default bfloat16)")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    exp = commands.add_parser("export", help="Megatron -> HF shards (hub layout)")
+    exp.add_argument("--hf-model", type=Path, required=True,
+                     help="the original HF checkpoint (config, tokenizer and remote code are carried over)")
+    exp.add_argument("--megatron-path", type=Path, required=True,
+                     help="Megatron checkpoint, or a fine-tuning output directory (its latest iteration is used)")
+    exp.add_argument("--hf-path", type=Path, required=True, help="output HF directory")
+    exp.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weight dtype (default bfloat16)")
+    exp.add_argument("--max-shard-gb", type=float, default=5.0, help="maximum shard size in GB (default 5)")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    ins = commands.add_parser("inspect-fp8", help="FP8 scale layout per tensor kind, with evidence")
+    ins.add_argument("--hf-model", type=Path, required=True, help="HF checkpoint directory")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_framework_logs()
+    import torch
+
+    from megatron.bridge.models.mimo_v2_flash.conversion import (
+        GB,
+        export_checkpoint,
+        import_checkpoint,
+        inspect_fp8,
+        is_rank0,
+    )
+    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[getattr(args, "dtype", "bfloat16")]
+    try:
+        if args.command == "inspect-fp8":
+            print("\n".join(inspect_fp8(args.hf_model)))
+            return 0
+        from megatron.bridge.models.mimo_v2_flash.runtime import initialize_parallel_state
+
+        if args.command == "import":
+            layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp}
+            initialize_parallel_state(**layout)
+            summary = import_checkpoint(args.hf_model, args.megatron_path, dtype, layout, overwrite=args.overwrite)
+            action, target = "imported", args.megatron_path
+        else:
+            initialize_parallel_state()
+            summary = export_checkpoint(args.hf_model, args.megatron_path, args.hf_path, dtype,
+                                        overwrite=args.overwrite, max_shard_gb=args.max_shard_gb)
+            action, target = "exported", args.hf_path
+    except (CheckpointError, MiMoV2FlashConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if is_rank0() and summary:
+        seconds = max(summary["seconds"], 1e-9)
+        print(f"{action} {summary['tensors']} tensors ({summary['bytes'] / GB:.3f} GB) in {seconds:.1f} s "
+              f"({summary['tensors'] / seconds:.0f} tensors/s, {summary['bytes'] / seconds / 1024**2:.1f} MB/s) -> {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

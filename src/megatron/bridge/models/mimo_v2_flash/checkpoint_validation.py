@@ -1,0 +1,97 @@
+"""Check a MiMo-V2-Flash HF checkpoint against its config before any weight is read.
+
+Every tensor the architecture needs must be present with the right shape and a floating dtype (FP8 weights
+with their scale), and nothing unknown may be there. Problems raise :class:`CheckpointError` naming the file and
+the tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
+    SLIDING_ATTENTION,
+    MiMoV2FlashArchitecture,
+    MiMoV2FlashConfigError,
+    parse_architecture,
+)
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8_DTYPE, SCALE_SUFFIX
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, FP8_DTYPE)
+
+
+def _attention(prefix: str, arch: MiMoV2FlashArchitecture, sliding: bool) -> dict[str, tuple[int, ...]]:
+    kv = arch.swa_num_kv_heads if sliding else arch.full_num_kv_heads
+    h, heads, dk, dv = arch.hidden_size, arch.num_attention_heads, arch.head_dim, arch.v_head_dim
+    shapes = {
+        f"{prefix}input_layernorm.weight": (h,),
+        f"{prefix}self_attn.q_proj.weight": (heads * dk, h),
+        f"{prefix}self_attn.k_proj.weight": (kv * dk, h),
+        f"{prefix}self_attn.v_proj.weight": (kv * dv, h),
+        f"{prefix}self_attn.o_proj.weight": (h, heads * dv),
+    }
+    if arch.swa_attention_sink if sliding else arch.full_attention_sink:
+        shapes[f"{prefix}self_attn.attention_sink_bias"] = (heads,)
+    return shapes
+
+
+def _dense_mlp(prefix: str, hidden: int, ffn: int) -> dict[str, tuple[int, ...]]:
+    return {
+        f"{prefix}gate_proj.weight": (ffn, hidden),
+        f"{prefix}up_proj.weight": (ffn, hidden),
+        f"{prefix}down_proj.weight": (hidden, ffn),
+    }
+
+
+def expected_tensors(arch: MiMoV2FlashArchitecture, mtp_layers: int) -> dict[str, tuple[int, ...]]:
+    """Every hub tensor name of the architecture and its shape (weights only, no FP8 scales)."""
+    h = arch.hidden_size
+    shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "lm_head.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
+    for i, (kind, moe) in enumerate(zip(arch.layer_types, arch.moe_layers, strict=True)):
+        p = f"model.layers.{i}."
+        shapes.update(_attention(p, arch, kind == SLIDING_ATTENTION))
+        shapes[f"{p}post_attention_layernorm.weight"] = (h,)
+        if moe:
+            shapes[f"{p}mlp.gate.weight"] = (arch.num_experts, h)
+            shapes[f"{p}mlp.gate.e_score_correction_bias"] = (arch.num_experts,)
+            for e in range(arch.num_experts):
+                shapes.update(_dense_mlp(f"{p}mlp.experts.{e}.", h, arch.moe_ffn_hidden_size))
+        else:
+            shapes.update(_dense_mlp(f"{p}mlp.", h, arch.ffn_hidden_size))
+    for i in range(mtp_layers):
+        p = f"model.mtp.layers.{i}."
+        shapes.update(_attention(p, arch, sliding=True))
+        shapes.update(_dense_mlp(f"{p}mlp.", h, arch.ffn_hidden_size))
+        shapes.update({f"{p}{n}.weight": (h,) for n in ("enorm", "hnorm", "pre_mlp_layernorm", "final_layernorm")})
+        shapes[f"{p}eh_proj.weight"] = (h, 2 * h)
+    return shapes
+
+
+def validate_checkpoint(checkpoint: HFCheckpoint) -> tuple[MiMoV2FlashArchitecture, int]:
+    """Validate config and tensors; returns the architecture and the number of MTP layers."""
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_bridge import count_mtp_layers
+
+    try:
+        arch = parse_architecture(checkpoint.config)
+    except MiMoV2FlashConfigError as error:
+        raise CheckpointError(f"{checkpoint.directory / 'config.json'}: {error}") from None
+    weights = [n for n in checkpoint.keys() if not n.endswith(SCALE_SUFFIX)]
+    try:
+        mtp_layers = count_mtp_layers(weights)
+    except ValueError as error:
+        raise CheckpointError(f"{checkpoint.directory}: {error}") from None
+    expected = expected_tensors(arch, mtp_layers)
+    for name, shape in expected.items():
+        if name not in checkpoint:
+            raise CheckpointError(f"{checkpoint.directory}: tensor {name} is missing (required by config.json)")
+        if checkpoint.shape(name) != shape:
+            raise CheckpointError(
+                f"{checkpoint.file_of(name)}: tensor {name} has shape {checkpoint.shape(name)}, config.json implies {shape}"
+            )
+        if checkpoint.dtype(name) not in FLOAT_DTYPES:
+            raise CheckpointError(f"{checkpoint.file_of(name)}: tensor {name} has dtype {checkpoint.dtype(name)}")
+    unknown = sorted(set(weights) - set(expected))
+    if unknown:
+        raise CheckpointError(f"{checkpoint.file_of(unknown[0])}: unexpected tensor {unknown[0]} (unknown layout)")
+    return arch, mtp_layers

@@ -1,0 +1,118 @@
+"""HF <-> Megatron checkpoint conversion for MiMo-V2-Flash (what ``convert_checkpoints.py`` runs)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from megatron.bridge.models.mimo_v2_flash.checkpoint_validation import validate_checkpoint
+from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8_DTYPE, SCALE_SUFFIX, FP8Checkpoint
+from megatron.bridge.models.mimo_v2_flash.output_dirs import check_output_dir
+
+GB = 1024**3
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def import_checkpoint(
+    hf_dir: Path, megatron_path: Path, dtype: torch.dtype, layout: dict, overwrite: bool = False
+) -> dict:
+    """HF (FP8 or BF16/FP32) -> Megatron distributed checkpoint, validated first, written atomically."""
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.models.mimo_v2_flash.inference import build_model, configure_provider
+    from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import save_megatron_checkpoint
+
+    check_output_dir(megatron_path, overwrite)
+    checkpoint = HFCheckpoint(hf_dir)
+    FP8Checkpoint(checkpoint)
+    arch, mtp_layers = validate_checkpoint(checkpoint)
+    start = time.perf_counter()
+    bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
+    provider = configure_provider(bridge.to_megatron_provider(load_weights=True), dtype, parallel_output=True, **layout)
+    model = build_model(provider)
+    save_megatron_checkpoint(model, megatron_path, tokenizer_dir=hf_dir)
+    source_bytes = sum(checkpoint.nbytes(n) for n in checkpoint.keys())
+    return {
+        "tensors": len([n for n in checkpoint.keys() if not n.endswith(SCALE_SUFFIX)]),
+        "bytes": source_bytes,
+        "seconds": time.perf_counter() - start,
+        "layers": arch.num_layers,
+        "mtp_layers": mtp_layers,
+    }
+
+
+def export_checkpoint(
+    hf_dir: Path, megatron_path: Path, hf_out: Path, dtype: torch.dtype, overwrite: bool = False, max_shard_gb: float = 5.0
+) -> dict:
+    """Megatron checkpoint (or a fine-tuning output dir) -> HF shards in hub layout, config and tokenizer."""
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.models.mimo_v2_flash.hf_export import write_hf_checkpoint
+    from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import load_megatron_checkpoint
+
+    check_output_dir(hf_out, overwrite)
+    checkpoint = HFCheckpoint(hf_dir)
+    validate_checkpoint(checkpoint)
+    model = load_megatron_checkpoint(megatron_path)
+    bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
+    weights = bridge.export_hf_weights([model], cpu=True, show_progress=False)
+    bar = tqdm(total=len([n for n in checkpoint.keys() if not n.endswith(SCALE_SUFFIX)]), unit="tensor",
+               desc="export", disable=not is_rank0(), mininterval=1.0)
+    moved = {"bytes": 0}
+
+    def progress(name: str, nbytes: int) -> None:
+        moved["bytes"] += nbytes
+        elapsed = max(bar.format_dict["elapsed"], 1e-9)
+        bar.set_postfix_str(f"{moved['bytes'] / elapsed / 1024**2:.1f} MB/s", refresh=False)
+        bar.update(1)
+
+    if not is_rank0():
+        for _ in weights:
+            pass
+        return {}
+    summary = write_hf_checkpoint(weights, hf_dir, hf_out, dtype, int(max_shard_gb * GB), progress=progress)
+    bar.close()
+    return summary
+
+
+def inspect_fp8(hf_dir: Path) -> list[str]:
+    """Per tensor kind: the scale layout chosen and the evidence, from the scales (headers + scale tensors)."""
+    checkpoint = HFCheckpoint(hf_dir)
+    fp8 = FP8Checkpoint(checkpoint)
+    lines = [f"checkpoint: {hf_dir}", f"weight_block_size: {list(fp8.block) if fp8.block else None}"]
+    if not fp8.is_fp8:
+        lines.append("no FP8 tensors: nothing to dequantize")
+        return lines
+    kinds: dict[str, list[str]] = {}
+    for name in fp8.weight_names():
+        if checkpoint.dtype(name) != FP8_DTYPE:
+            continue
+        kind = _tensor_kind(name)
+        kinds.setdefault(kind, []).append(name)
+    for kind, names in sorted(kinds.items()):
+        layouts: dict[str, int] = {}
+        evidence = ""
+        for name in names:
+            layout = fp8.layout(name)
+            layouts[layout.kind] = layouts.get(layout.kind, 0) + 1
+            evidence = evidence or layout.evidence
+        example = names[0]
+        lines.append(
+            f"{kind}: {len(names)} tensors, layout {layouts}; e.g. {example} weight {checkpoint.shape(example)} "
+            f"scale {checkpoint.shape(example + SCALE_SUFFIX)}; evidence: {evidence}"
+        )
+    return lines
+
+
+def _tensor_kind(name: str) -> str:
+    parts = name.split(".")
+    prefix = "mtp." if ".mtp." in name else ""
+    if ".experts." in name:
+        return f"{prefix}experts.{parts[-2]}"
+    return prefix + ".".join(parts[-3:-1]) if "self_attn" in name or "mlp" in name else prefix + parts[-2]
