@@ -70,19 +70,22 @@ def _restore_empty_cuda_rng_state(new_state: torch.Tensor, device="cuda") -> Non
 
 
 def init_single_process_group(backend: str | None = None) -> None:
-    """Start a one-rank process group when not launched by torchrun (gloo without CUDA, nccl with it)."""
+    """Start the default process group: from torchrun's environment, or a private one-rank group otherwise.
+
+    gloo without CUDA, nccl with it. The one-rank group listens on a free loopback port passed explicitly, so
+    nothing is exported to child processes' environment.
+    """
     if torch.distributed.is_initialized():
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     backend = backend or ("gloo" if cuda_absent() else "nccl")
     if not cuda_absent():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        torch.distributed.init_process_group(backend=backend)
+        return
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.distributed.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)

@@ -64,15 +64,15 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, c
     return (weight.float() * expand_scale(scale, layout.row_to_scale_row, weight.shape[1], col_block)).to(dtype)
 
 
-def amax_fraction(weight: torch.Tensor, row_map: torch.Tensor, col_block: int, num_scale_rows: int) -> float:
-    """Fraction of blocks whose largest |value| is the FP8 maximum (1.0 for amax-scaled quantization)."""
-    magnitude = weight.float().abs()
+def block_amax(weight: torch.Tensor, row_map: torch.Tensor, col_block: int, num_scale_rows: int) -> torch.Tensor:
+    """Largest |value| of every scale block ``[scale_rows, col_blocks]`` under a row map."""
     col_map = torch.arange(weight.shape[1]) // col_block
-    block_ids = row_map[:, None] * (int(col_map.max()) + 1) + col_map[None, :]
-    block_max = torch.zeros(num_scale_rows * (int(col_map.max()) + 1)).scatter_reduce(
-        0, block_ids.flatten(), magnitude.flatten(), reduce="amax"
+    col_blocks = int(col_map.max()) + 1
+    block_ids = row_map[:, None] * col_blocks + col_map[None, :]
+    flat = torch.zeros(num_scale_rows * col_blocks).scatter_reduce(
+        0, block_ids.flatten(), weight.float().abs().flatten(), reduce="amax"
     )
-    return float((block_max == FP8_MAX).float().mean())
+    return flat.view(num_scale_rows, col_blocks)
 
 
 class FP8Checkpoint:
@@ -166,6 +166,24 @@ class FP8Checkpoint:
         )
         return equal, heads
 
+    def _fused_amax_fraction(self, k_name: str) -> float:
+        """Fraction of fused K|V blocks (shared blocks counted once over both parts) reaching the FP8 max."""
+        v_name = k_name.replace("k_proj.weight", "v_proj.weight")
+        if v_name not in self.checkpoint or self.checkpoint.dtype(v_name) != FP8_DTYPE:
+            return 0.0
+        bm, bn = self.block
+        heads = self.checkpoint.shape(k_name)[0] // self.head_dim
+        maxima = []
+        for which, part in (("k", k_name), ("v", v_name)):
+            row_map = fused_kv_row_map(which, heads, self.head_dim, self.v_head_dim, bm)
+            scale_rows = self.checkpoint.shape(part + SCALE_SUFFIX)[0]
+            if int(row_map.max()) + 1 != scale_rows:
+                return 0.0
+            maxima.append(block_amax(self.checkpoint.get(part), row_map, bn, scale_rows))
+        k_per_head = (self.head_dim - 1) // bm + 1
+        v_per_head = (self.head_dim + self.v_head_dim - 1) // bm - self.head_dim // bm + 1
+        return _fused_amax_fraction_impl(*maxima, heads, k_per_head, v_per_head, self.head_dim % bm != 0)
+
     def _detect(self, name: str) -> ScaleLayout:
         candidates = self._candidates(name)
         if not candidates:
@@ -182,10 +200,12 @@ class FP8Checkpoint:
             if shared is not None:
                 evidence += f"; K|V shared-block scales equal for {shared[0]}/{shared[1]} heads"
             return ScaleLayout(kind, candidates[kind] if kind in candidates else candidates["grid"], evidence)
-        # Both fit the shapes and assign scales differently: decide from the data.
+        # Both fit the shapes and assign scales differently: decide from the data (amax scaling puts the FP8
+        # maximum in every block; a fused block's maximum may sit in either its K or its V part).
         weight = self.checkpoint.get(name)
         scale_rows = self.checkpoint.shape(name + SCALE_SUFFIX)[0]
-        fractions = {kind: amax_fraction(weight, row_map, self.block[1], scale_rows) for kind, row_map in candidates.items()}
+        fractions = {"grid": float((block_amax(weight, candidates["grid"], self.block[1], scale_rows) == FP8_MAX).float().mean())}
+        fractions["fused_kv"] = self._fused_amax_fraction(k_name)
         winners = [kind for kind, fraction in fractions.items() if fraction == 1.0]
         if shared is not None and shared[0] != shared[1]:
             winners = [kind for kind in winners if kind != "fused_kv"]
@@ -193,6 +213,15 @@ class FP8Checkpoint:
             raise CheckpointError(self._unexplained(name, f"ambiguous: blocks at FP8 max per layout {fractions}"))
         evidence = f"ambiguous shapes; every block reaches the FP8 max only under '{winners[0]}' ({fractions})"
         return ScaleLayout(winners[0], candidates[winners[0]], evidence)
+
+
+def _fused_amax_fraction_impl(k_max, v_max, heads, k_per_head, v_per_head, shared):
+    if shared:
+        for h in range(heads):
+            joint = torch.maximum(k_max[h * k_per_head + k_per_head - 1], v_max[h * v_per_head])
+            k_max[h * k_per_head + k_per_head - 1] = joint
+            v_max[h * v_per_head] = joint
+    return float((torch.cat([k_max, v_max]) == FP8_MAX).float().mean())
 
 
 def quantize_blockwise(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,109 @@
+"""convert_checkpoints.py end to end: bit-exact round trips, the FP8 path, and bad input handled cleanly."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import HFCheckpoint
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8Checkpoint
+from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import write_fp8_checkpoint, write_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples/models/mimo_v2_flash"
+
+
+def _cli(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+convert = _cli("convert_checkpoints")
+
+
+def _state(directory: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for shard in directory.glob("*.safetensors"):
+        state.update(load_file(str(shard)))
+    return state
+
+
+@pytest.fixture(scope="module")
+def bf16_hf(tmp_path_factory) -> Path:
+    """The tiny model stored in BF16 (router bias fp32), with 2 MTP layers."""
+    directory = write_tiny_checkpoint(tmp_path_factory.mktemp("bf16") / "hf", mtp_layers=2, seed=11)
+    for shard in directory.glob("*.safetensors"):
+        state = load_file(str(shard))
+        cast = {k: v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16) for k, v in state.items()}
+        save_file(cast, str(shard), metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps(dict(config, torch_dtype="bfloat16")))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def fp8_hf(tmp_path_factory) -> Path:
+    base = write_tiny_checkpoint(tmp_path_factory.mktemp("fp8src") / "hf", mtp_layers=1, seed=12)
+    return write_fp8_checkpoint(base, tmp_path_factory.mktemp("fp8") / "hf", block=(16, 16))
+
+
+def _round_trip(hf_dir: Path, tmp_path: Path) -> Path:
+    megatron_dir, export_dir = tmp_path / "megatron", tmp_path / "export"
+    assert convert(["import", "--hf-model", str(hf_dir), "--megatron-path", str(megatron_dir)]) == 0
+    assert convert(["export", "--hf-model", str(hf_dir), "--megatron-path", str(megatron_dir),
+                    "--hf-path", str(export_dir), "--max-shard-gb", "0.0001"]) == 0
+    return export_dir
+
+
+def test_bf16_round_trip_is_bit_exact(bf16_hf, tmp_path, parallel_state):
+    export_dir = _round_trip(bf16_hf, tmp_path)
+    original, exported = _state(bf16_hf), _state(export_dir)
+    assert sorted(original) == sorted(exported)
+    assert any(k.startswith("model.mtp.layers.1.") for k in exported)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype, name
+        assert torch.equal(exported[name], tensor), name
+    index = json.loads((export_dir / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in exported.values())
+    assert len(set(index["weight_map"].values())) > 1  # several shards were written
+
+
+def test_fp8_round_trip_equals_bf16_of_dequantized(fp8_hf, tmp_path, parallel_state):
+    export_dir = _round_trip(fp8_hf, tmp_path)
+    reader = FP8Checkpoint(HFCheckpoint(fp8_hf))
+    exported = _state(export_dir)
+    assert sorted(exported) == sorted(reader.weight_names())
+    for name in reader.weight_names():
+        dtype = torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16
+        assert torch.equal(exported[name], reader.get(name, dtype)), name
+    config = json.loads((export_dir / "config.json").read_text())
+    assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
+    assert config["layer_types"] and config["hybrid_layer_pattern"] and config["sliding_window"] == config["sliding_window_size"] + 1
+    assert (export_dir / "tokenizer.json").is_file()
+
+
+def test_transformers_loads_export_and_agrees_with_megatron(fp8_hf, tmp_path):
+    """The demo's last steps as a user runs them (separate processes)."""
+    megatron_dir, export_dir = tmp_path / "megatron", tmp_path / "export"
+    run = lambda *args: subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600)  # noqa: E731
+    assert run(EXAMPLES / "convert_checkpoints.py", "import", "--hf-model", fp8_hf, "--megatron-path", megatron_dir).returncode == 0
+    logits_file = tmp_path / "logits.safetensors"
+    gen = run(EXAMPLES / "generate.py", "--megatron-path", megatron_dir, "--prompt-ids", "5,6,7,8,9",
+              "--max-new-tokens", "3", "--dump-logits", logits_file)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert "generated ids:" in gen.stdout
+    assert load_file(str(logits_file))["logits"].shape == (5, 384)
+    assert run(EXAMPLES / "convert_checkpoints.py", "export", "--hf-model", fp8_hf, "--megatron-path", megatron_dir,
+               "--hf-path", export_dir).returncode == 0
+    check = run(EXAMPLES / "compare_logits.py", "--hf-model", export_dir, "--megatron-path", megatron_dir)
+    assert check.returncode == 0, check.stdout + check.stderr[-2000:]
+    assert "OK:" in check.stdout

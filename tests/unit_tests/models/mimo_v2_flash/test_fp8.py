@@ -1,0 +1,191 @@
+"""Block FP8 dequantization: every layout exact against an independent per-element reference, layout detection
+from shapes and data, and the upstream 0.6.2 formula shown wrong where ours is right."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import (
+    FP8_DTYPE,
+    FP8Checkpoint,
+    quantize_blockwise,
+    quantize_fused_kv,
+)
+
+
+def reference_grid(q: torch.Tensor, scale: torch.Tensor, bm: int, bn: int) -> torch.Tensor:
+    """Element by element: value[i, j] = fp8[i, j] * scale[i // bm, j // bn] (plain loops over blocks)."""
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for bi in range(scale.shape[0]):
+        for bj in range(scale.shape[1]):
+            out[bi * bm : (bi + 1) * bm, bj * bn : (bj + 1) * bn] = (
+                q[bi * bm : (bi + 1) * bm, bj * bn : (bj + 1) * bn].float() * scale[bi, bj].item()
+            )
+    return out
+
+
+def reference_fused(qk, sk, qv, sv, heads, dk, dv, bm, bn):
+    """Rebuild each head's fused [K_h; V_h] FP8 matrix and its grid scale, dequantize on the grid, split."""
+    ks, vs = [], []
+    for h in range(heads):
+        fused_q = torch.cat([qk[h * dk : (h + 1) * dk], qv[h * dv : (h + 1) * dv]])
+        k_blocks = math.ceil(dk / bm)
+        shared = dk % bm != 0
+        v_scale_rows = sv[h * (sv.shape[0] // heads) : (h + 1) * (sv.shape[0] // heads)]
+        fused_s = torch.cat([sk[h * k_blocks : (h + 1) * k_blocks], v_scale_rows[1:] if shared else v_scale_rows])
+        fused = reference_grid(fused_q, fused_s, bm, bn)
+        ks.append(fused[:dk])
+        vs.append(fused[dk:])
+    return torch.cat(ks), torch.cat(vs)
+
+
+def write_checkpoint(directory: Path, tensors: dict, config: dict) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def config_for(head_dim, v_head_dim, block):
+    return {"hidden_size": 256, "num_attention_heads": 2, "head_dim": head_dim, "v_head_dim": v_head_dim,
+            "quantization_config": {"quant_method": "fp8", "weight_block_size": list(block)}}
+
+
+@pytest.mark.parametrize(
+    "shape, block",
+    [((256, 512), (128, 128)), ((300, 200), (128, 128)), ((2048, 4096), (128, 128)), ((33, 17), (16, 8))],
+)
+def test_grid_layout_is_exact_including_partial_blocks(shape, block, tmp_path):
+    weight = torch.randn(shape) * 0.05
+    q, s = quantize_blockwise(weight, block)
+    ckpt = FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path, {"model.layers.0.mlp.experts.0.up_proj.weight": q,
+                         "model.layers.0.mlp.experts.0.up_proj.weight_scale_inv": s}, config_for(192, 128, block))))
+    name = "model.layers.0.mlp.experts.0.up_proj.weight"
+    assert ckpt.layout(name).kind == "grid"
+    expected = reference_grid(q, s, *block)
+    assert torch.equal(ckpt.get(name, torch.float32), expected)
+    assert torch.equal(ckpt.get(name, torch.bfloat16), expected.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    "kv_heads, dk, dv, block",
+    [(4, 192, 128, (128, 128)), (8, 192, 128, (128, 128)), (2, 24, 16, (16, 16)), (3, 40, 72, (32, 16))],
+)
+def test_fused_kv_layout_is_exact(kv_heads, dk, dv, block, tmp_path):
+    """Includes the release's shapes: full k_proj [768, 4096] scale [8, 32], SWA k_proj [1536, 4096] [16, 32]."""
+    cols = 4096 if dk == 192 else 48
+    k, v = torch.randn(kv_heads * dk, cols), torch.randn(kv_heads * dv, cols) * 3
+    qk, sk, qv, sv = quantize_fused_kv(k, v, kv_heads, block)
+    if (dk, dv, block) == (192, 128, (128, 128)):
+        assert tuple(sk.shape) == (2 * kv_heads, 32) and tuple(sv.shape) == (2 * kv_heads, 32)
+    p = "model.layers.3.self_attn."
+    tensors = {p + "k_proj.weight": qk, p + "k_proj.weight_scale_inv": sk, p + "v_proj.weight": qv, p + "v_proj.weight_scale_inv": sv}
+    ckpt = FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path, tensors, config_for(dk, dv, block))))
+    want_k, want_v = reference_fused(qk, sk, qv, sv, kv_heads, dk, dv, *block)
+    assert torch.equal(ckpt.get(p + "k_proj.weight"), want_k)
+    assert torch.equal(ckpt.get(p + "v_proj.weight"), want_v)
+    assert ckpt.layout(p + "v_proj.weight").kind == "fused_kv"
+    # Dequantized values are close to the originals (sanity of the fixture, not of the formula).
+    assert (ckpt.get(p + "k_proj.weight") - k).abs().max() < 0.1 * k.abs().max()
+
+
+def _upstream_dequant():
+    """Upstream megatron-bridge 0.6.2's ``_dequant_fp8_blockwise``, extracted from the installed wheel's source."""
+    spec = importlib.util.find_spec("megatron.bridge")
+    path = Path(spec.origin).parent / "models/mimo_v2_flash/mimo_v2_flash_bridge.py"
+    tree = ast.parse(path.read_text())
+    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_dequant_fp8_blockwise")
+    namespace = {"torch": torch}
+    exec(compile(ast.Module(body=[func], type_ignores=[]), str(path), "exec"), namespace)
+    return namespace["_dequant_fp8_blockwise"]
+
+
+def test_upstream_dequant_is_wrong_on_the_released_k_layout_and_ours_is_right(tmp_path):
+    upstream = _upstream_dequant()
+    kv_heads, dk, dv, block = 4, 192, 128, (128, 128)
+    k, v = torch.randn(kv_heads * dk, 256), torch.randn(kv_heads * dv, 256) * 5
+    qk, sk, qv, sv = quantize_fused_kv(k, v, kv_heads, block)
+    want_k, _ = reference_fused(qk, sk, qv, sv, kv_heads, dk, dv, *block)
+    upstream_k = upstream(qk, sk).float()  # 768 rows // 8 scale rows -> 96-row blocks
+    assert (upstream_k - want_k.to(torch.bfloat16).float()).abs().max() > 1e-2
+    p = "model.layers.0.self_attn."
+    tensors = {p + "k_proj.weight": qk, p + "k_proj.weight_scale_inv": sk, p + "v_proj.weight": qv, p + "v_proj.weight_scale_inv": sv}
+    ours = FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path, tensors, config_for(dk, dv, block))))
+    assert torch.equal(ours.get(p + "k_proj.weight", torch.bfloat16), want_k.to(torch.bfloat16))
+
+
+def test_upstream_dequant_is_wrong_or_fails_on_partial_blocks():
+    q, s = quantize_blockwise(torch.randn(300, 200), (128, 128))
+    upstream = _upstream_dequant()(q, s).float()  # 300 // 3 = 100-row blocks instead of 128
+    assert (upstream - reference_grid(q, s, 128, 128).to(torch.bfloat16).float()).abs().max() > 1e-2
+    q, s = quantize_blockwise(torch.randn(129, 256), (128, 128))
+    with pytest.raises(RuntimeError):
+        _upstream_dequant()(q, s)
+
+
+def test_ambiguous_shapes_are_resolved_by_amax_evidence(tmp_path):
+    """K shapes that fit both the grid and the fused layout with different scale assignments: the data decides."""
+    found = None
+    for heads in range(1, 5):
+        for dk in range(2, 80, 2):
+            for dv in range(8, 40, 8):
+                bm = 16
+                k_blocks = (dk - 1) // bm + 1
+                if heads * k_blocks == math.ceil(heads * dk / bm) and dk % bm and heads > 1:
+                    found = (heads, dk, dv, bm)
+                    break
+            if found:
+                break
+        if found:
+            break
+    assert found is not None
+    heads, dk, dv, bm = found
+    k, v = torch.randn(heads * dk, 32), torch.randn(heads * dv, 32)
+    qk, sk, qv, sv = quantize_fused_kv(k, v, heads, (bm, 16))
+    p = "model.layers.0.self_attn."
+    tensors = {p + "k_proj.weight": qk, p + "k_proj.weight_scale_inv": sk, p + "v_proj.weight": qv, p + "v_proj.weight_scale_inv": sv}
+    ckpt = FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path, tensors, config_for(dk, dv, (bm, 16)))))
+    layout = ckpt.layout(p + "k_proj.weight")
+    assert layout.kind == "fused_kv", layout.evidence
+    want_k, _ = reference_fused(qk, sk, qv, sv, heads, dk, dv, bm, 16)
+    assert torch.equal(ckpt.get(p + "k_proj.weight"), want_k)
+
+
+def test_unexplained_layout_is_an_error_naming_tensor_and_shapes(tmp_path):
+    q, _ = quantize_blockwise(torch.randn(256, 256), (128, 128))
+    name = "model.layers.0.mlp.down_proj.weight"
+    ckpt = FP8Checkpoint(HFCheckpoint(write_checkpoint(
+        tmp_path, {name: q, name + "_scale_inv": torch.ones(3, 2)}, config_for(192, 128, (128, 128)))))
+    with pytest.raises(CheckpointError, match=r"down_proj\.weight.*\(256, 256\).*\(3, 2\)"):
+        ckpt.get(name)
+
+
+def test_fused_shape_with_contradicting_scales_is_refused(tmp_path):
+    kv_heads, dk, dv, block = 4, 192, 128, (128, 128)
+    qk, sk, qv, sv = quantize_fused_kv(torch.randn(768, 256), torch.randn(512, 256), kv_heads, block)
+    sv = sv.clone()
+    sv[0] *= 2  # head 0's shared block no longer has one scale
+    p = "model.layers.0.self_attn."
+    tensors = {p + "k_proj.weight": qk, p + "k_proj.weight_scale_inv": sk, p + "v_proj.weight": qv, p + "v_proj.weight_scale_inv": sv}
+    ckpt = FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path, tensors, config_for(dk, dv, block))))
+    with pytest.raises(CheckpointError, match="share the K|V scale"):
+        ckpt.get(p + "v_proj.weight")
+
+
+def test_fp8_weight_without_scale_and_scale_without_weight(tmp_path):
+    q, s = quantize_blockwise(torch.randn(32, 32), (16, 16))
+    cfg = config_for(192, 128, (16, 16))
+    with pytest.raises(CheckpointError, match=r"up_proj\.weight has no _scale_inv"):
+        FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path / "a", {"m.up_proj.weight": q}, cfg)))
+    with pytest.raises(CheckpointError, match=r"scale m\.up_proj\.weight_scale_inv has no weight"):
+        FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path / "b", {"m.up_proj.weight_scale_inv": s}, cfg)))
+    assert q.dtype == FP8_DTYPE
