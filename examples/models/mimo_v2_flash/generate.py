@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="write the prompt's forward-pass logits to this safetensors file (tensor 'logits', float32 [len, vocab])",
     )
+    for flag, meaning in (("tp", "tensor"), ("pp", "pipeline"), ("ep", "expert"), ("etp", "expert tensor")):
+        parser.add_argument(f"--{flag}", type=int, default=None if flag == "etp" else 1,
+                            help=f"{meaning}-parallel size (run under torchrun with that many processes)")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0:
         parser.error("--max-new-tokens must be >= 0")
@@ -43,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_framework_logs()
+    import torch
+
     from megatron.bridge.models.mimo_v2_flash.inference import DTYPES, forward_logits, greedy_generate, load_from_hf
     from megatron.bridge.models.mimo_v2_flash.runtime import initialize_parallel_state
 
@@ -70,24 +75,30 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the prompt is empty", file=sys.stderr)
         return 2
 
-    initialize_parallel_state()
+    layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp}
+    initialize_parallel_state(**layout)
     dtype = DTYPES[args.dtype]
     if args.hf_model is not None:
-        model = load_from_hf(args.hf_model, dtype)
+        model = load_from_hf(args.hf_model, dtype, **layout)
     else:
         from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import load_megatron_checkpoint
 
-        model = load_megatron_checkpoint(args.megatron_path, dtype)
+        model = load_megatron_checkpoint(args.megatron_path, dtype, **layout)
+    rank0 = torch.distributed.get_rank() == 0
 
-    if args.dump_logits is not None:
+    if args.dump_logits is not None and rank0:
         from safetensors.torch import save_file
 
         logits = forward_logits(model, prompt_ids).contiguous()
         args.dump_logits.parent.mkdir(parents=True, exist_ok=True)
         save_file({"logits": logits.cpu()}, str(args.dump_logits))
         print(f"logits {tuple(logits.shape)} written to {args.dump_logits}")
+    if args.dump_logits is not None and not rank0:
+        forward_logits(model, prompt_ids)  # every rank takes part in the collective forward
     eos = getattr(tokenizer, "eos_token_id", None)
     new_ids = greedy_generate(model, prompt_ids, args.max_new_tokens, eos_id=eos)
+    if not rank0:
+        return 0
     print("prompt ids:", ",".join(map(str, prompt_ids)))
     print("generated ids:", ",".join(map(str, new_ids)))
     if tokenizer is not None:

@@ -8,10 +8,12 @@ unconditionally. Each adaptation names the upstream place and the failure it avo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 
 def cuda_absent() -> bool:
@@ -46,6 +48,11 @@ def apply_cpu_adaptations() -> bool:
     ``torch.cuda.synchronize`` -> no-op. ``megatron/core/dist_checkpointing/strategies/filesystem_async.py``
     (``preload_tensors``, every distributed-checkpoint save) and ``megatron/core/timers.py`` synchronize the
     device unconditionally; with no CUDA stream there is nothing to wait for.
+
+    ``torch.Tensor.cuda`` -> the tensor itself. ``megatron/core/models/common/language_module/language_module.py``
+    (``setup_embeddings_and_output_layer``) moves the embedding copy shared across pipeline stages (pipeline
+    parallelism with MTP or tied embeddings) with ``weight.data.cuda()`` before its all-reduce, which raises
+    without a driver; the CPU tensor is where the data already lives.
     """
     if not cuda_absent():
         return False
@@ -53,7 +60,12 @@ def apply_cpu_adaptations() -> bool:
     torch.cuda.get_rng_state = _empty_cuda_rng_state
     torch.cuda.set_rng_state = _restore_empty_cuda_rng_state
     torch.cuda.synchronize = _nothing_to_synchronize
+    torch.Tensor.cuda = _stay_on_cpu
     return True
+
+
+def _stay_on_cpu(self: torch.Tensor, device=None, non_blocking: bool = False, **kwargs) -> torch.Tensor:
+    return self
 
 
 def _nothing_to_synchronize(device=None) -> None:
@@ -89,3 +101,34 @@ def init_single_process_group(backend: str | None = None) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     torch.distributed.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def _is_cuda(device) -> bool:
+    return (isinstance(device, str) and device.startswith("cuda")) or (
+        isinstance(device, torch.device) and device.type == "cuda"
+    )
+
+
+class _CudaLiteralsToCpu(TorchFunctionMode):
+    """Rewrites ``device="cuda"`` arguments of torch calls to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_literals_on_cpu():
+    """Within the block, tensors that upstream code creates with a literal ``device="cuda"`` land on the CPU.
+
+    ``megatron/core/pipeline_parallel/schedules.py`` (``forward_backward_pipelining_without_interleaving``:
+    ``torch.zeros([], dtype=torch.int, device="cuda")`` for the token count) fails without a driver. A function
+    can't be swapped for a literal, so pipeline schedules run under this torch-function mode. No-op with CUDA.
+    """
+    if not cuda_absent():
+        yield
+        return
+    with _CudaLiteralsToCpu():
+        yield

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import cuda_absent
+from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import cuda_absent, cuda_literals_on_cpu
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -62,14 +62,48 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def forward_logits(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
-    """Logits ``[len(token_ids), vocab]`` (fp32) of one sequence's forward pass."""
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        raise NotImplementedError("pipeline-parallel generation is not supported yet")
+    """Logits ``[len(token_ids), vocab]`` (fp32) of one sequence's forward pass, on every rank."""
     device = _device(model)
     ids = torch.tensor([token_ids], dtype=torch.long, device=device)
     positions = torch.arange(len(token_ids), device=device).unsqueeze(0)
-    logits = model(ids, positions, None)
-    return logits[0].float()
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return model(ids, positions, None)[0].float()
+    return _pipeline_forward_logits(model, ids, positions)
+
+
+def _pipeline_forward_logits(model, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Forward through Megatron's pipeline schedule; the last stage's logits are broadcast to all stages."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    captured = {}
+
+    def forward_step(data_iterator, chunk):
+        def keep_logits(output):
+            captured["logits"] = output
+            return output.sum() * 0, {}
+
+        return chunk(ids, positions, None), keep_logits
+
+    with cuda_literals_on_cpu():
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter([None]),
+            model=[model],
+            num_microbatches=1,
+            seq_length=ids.shape[1],
+            micro_batch_size=1,
+            forward_only=True,
+        )
+    group = parallel_state.get_pipeline_model_parallel_group()
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    shape = torch.tensor(captured["logits"].shape if "logits" in captured else [0, 0, 0], dtype=torch.long)
+    torch.distributed.broadcast(shape, last, group=group)
+    logits = captured.get("logits")
+    if logits is None:
+        logits = torch.empty(*shape.tolist(), dtype=torch.float32, device=ids.device)
+    logits = logits.float().contiguous()
+    torch.distributed.broadcast(logits, last, group=group)
+    return logits[0]
 
 
 @torch.no_grad()

@@ -130,9 +130,10 @@ class MiMoV2FlashSelfAttention(SelfAttention):
         query, key, value = torch.split(mixed_qkv, [heads_per_group * qk_dim, qk_dim, v_dim], dim=-1)
         query = query.reshape(*query.shape[:2], -1, qk_dim)
         if num_groups < self.world_size:
+            # Each rank keeps its contiguous share of the group's query heads (global head order preserved).
             ranks_per_group = self.world_size // num_groups
             index = get_pg_rank(self.pg_collection.tp) % ranks_per_group
-            width = self.num_attention_heads_per_partition
+            width = heads_per_group // ranks_per_group
             query = query[:, :, index * width : (index + 1) * width]
         if self.value_scale is not None:
             value = value * self.value_scale
