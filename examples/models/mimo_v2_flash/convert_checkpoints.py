@@ -18,6 +18,7 @@ Expected problems (bad or truncated files, missing tensors or scales, wrong shap
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         inspect_fp8,
         is_rank0,
     )
-    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
+    from megatron.bridge.models.mimo_v2_flash.checkpoint_validation import validate_checkpoint
+    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
+    from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[getattr(args, "dtype", "bfloat16")]
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "import":
             layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp}
+            arch, _ = validate_checkpoint(HFCheckpoint(args.hf_model))
+            check_parallel_layout(arch, **layout, world_size=int(os.environ.get("WORLD_SIZE", "1")))
             initialize_parallel_state(**layout)
             summary = import_checkpoint(args.hf_model, args.megatron_path, dtype, layout, overwrite=args.overwrite)
             action, target = "imported", args.megatron_path

@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_framework_logs()
     import torch
 
-    from megatron.bridge.models.mimo_v2_flash.inference import DTYPES, forward_logits, greedy_generate, load_from_hf
-    from megatron.bridge.models.mimo_v2_flash.runtime import initialize_parallel_state
+    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
+    from megatron.bridge.models.mimo_v2_flash.inference import forward_logits, greedy_generate
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
 
     checkpoint_dir = args.hf_model or args.megatron_path
     if not checkpoint_dir.is_dir():
@@ -59,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.megatron_path is not None:
         from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import latest_iteration_dir
 
-        tokenizer_dir = latest_iteration_dir(checkpoint_dir) / "tokenizer"
+        try:
+            tokenizer_dir = latest_iteration_dir(checkpoint_dir) / "tokenizer"
+        except CheckpointError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     tokenizer = None
     if args.prompt is not None or (tokenizer_dir / "tokenizer.json").exists():
         tokenizer = _load_tokenizer(tokenizer_dir, required=args.prompt is not None)
@@ -76,14 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp}
-    initialize_parallel_state(**layout)
-    dtype = DTYPES[args.dtype]
-    if args.hf_model is not None:
-        model = load_from_hf(args.hf_model, dtype, **layout)
-    else:
-        from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import load_megatron_checkpoint
-
-        model = load_megatron_checkpoint(args.megatron_path, dtype, **layout)
+    try:
+        model = _load_model(args, layout)
+    except (CheckpointError, MiMoV2FlashConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     rank0 = torch.distributed.get_rank() == 0
 
     if args.dump_logits is not None and rank0:
@@ -104,6 +106,25 @@ def main(argv: list[str] | None = None) -> int:
     if tokenizer is not None:
         print("generated text:", repr(tokenizer.decode(new_ids)))
     return 0
+
+
+def _load_model(args: argparse.Namespace, layout: dict):
+    """Check the layout against the model and the process count, then build and load the model."""
+    import os
+
+    from megatron.bridge.models.mimo_v2_flash.inference import DTYPES, load_from_hf
+    from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import load_megatron_checkpoint
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import load_config_dict, parse_architecture
+    from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
+    from megatron.bridge.models.mimo_v2_flash.runtime import initialize_parallel_state
+
+    arch = parse_architecture(load_config_dict(args.hf_model)) if args.hf_model is not None else None
+    check_parallel_layout(arch, **layout, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    initialize_parallel_state(**layout)
+    dtype = DTYPES[args.dtype]
+    if args.hf_model is not None:
+        return load_from_hf(args.hf_model, dtype, **layout)
+    return load_megatron_checkpoint(args.megatron_path, dtype, **layout)
 
 
 def _load_tokenizer(directory: Path, required: bool):

@@ -67,7 +67,7 @@ def forward_logits(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor
     ids = torch.tensor([token_ids], dtype=torch.long, device=device)
     positions = torch.arange(len(token_ids), device=device).unsqueeze(0)
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return model(ids, positions, None)[0].float()
+        return model(ids, positions, None, runtime_gather_output=True)[0].float()
     return _pipeline_forward_logits(model, ids, positions)
 
 
@@ -82,7 +82,7 @@ def _pipeline_forward_logits(model, ids: torch.Tensor, positions: torch.Tensor) 
             captured["logits"] = output
             return output.sum() * 0, {}
 
-        return chunk(ids, positions, None), keep_logits
+        return chunk(ids, positions, None, runtime_gather_output=True), keep_logits
 
     with cuda_literals_on_cpu():
         get_forward_backward_func()(

@@ -79,6 +79,5 @@ def load_megatron_checkpoint(
     model = models[0] if isinstance(models, list) else models
     if dtype is not None:
         model = model.to(dtype)
-    model.parallel_output = False
     model.eval()
     return model

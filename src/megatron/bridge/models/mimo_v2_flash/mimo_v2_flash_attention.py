@@ -167,8 +167,6 @@ class MiMoV2FlashCoreAttention(MegatronModule):
         attention_kind: str | None = None,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size > 1:
-            raise ValueError("MiMo-V2-Flash local attention does not support context parallelism")
         self.attention_kind = layer_attention_kind(config, layer_number, attention_kind)
         self.tp_group = pg_collection.tp
         world_size = self.tp_group.size()

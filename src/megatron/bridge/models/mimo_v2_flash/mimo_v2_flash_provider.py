@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -23,6 +24,7 @@ from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_layer_specs import (
     mimo_v2_flash_block_spec,
     mimo_v2_flash_mtp_block_spec,
 )
+from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
 from megatron.bridge.utils.vocab_utils import calculate_padded_vocab_size
 
 
@@ -105,9 +107,35 @@ class MiMoV2FlashModelProvider(GPTModelProvider):
             raise MiMoV2FlashConfigError(f"attention_layer_types: unknown layer type(s) {sorted(unknown)}")
         if self.sliding_window_size < 0:
             raise MiMoV2FlashConfigError(f"sliding_window_size={self.sliding_window_size} must be >= 0")
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else None
+        check_parallel_layout(
+            self.architecture_view(),
+            tp=self.tensor_model_parallel_size,
+            pp=self.pipeline_model_parallel_size,
+            ep=self.expert_model_parallel_size,
+            etp=self.expert_tensor_parallel_size,
+            cp=self.context_parallel_size,
+            world_size=world,
+        )
         if self.num_moe_experts and self.moe_router_topk < 2:
             # Megatron-Core does not renormalize a single sigmoid score; MiMo's norm_topk_prob would give 1.0.
             raise MiMoV2FlashConfigError(f"moe_router_topk={self.moe_router_topk} must be >= 2 (norm_topk_prob)")
+
+    def architecture_view(self) -> SimpleNamespace:
+        """The sizes :func:`check_parallel_layout` needs, read from this provider."""
+        freq = self.moe_layer_freq
+        moe = [bool(v) for v in freq] if isinstance(freq, list) else [bool(self.num_moe_experts)] * self.num_layers
+        return SimpleNamespace(
+            num_attention_heads=self.num_attention_heads,
+            full_num_kv_heads=self.num_query_groups,
+            swa_num_kv_heads=self.swa_num_query_groups,
+            vocab_size=self.vocab_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_layers=self.num_layers,
+            moe_layers=moe,
+            num_experts=self.num_moe_experts or 0,
+            moe_ffn_hidden_size=self.moe_ffn_hidden_size or 0,
+        )
 
     def provide(self, pre_process=None, post_process=None, vp_stage=None) -> MCoreGPTModel:
         """Build the Megatron-Core GPT model with MiMo attention, dual-base RoPE and the dense-SWA MTP block."""

@@ -1,0 +1,140 @@
+"""``prepare``: write the NxDI-ready BF16 checkpoint, streaming tensor by tensor and shard by shard.
+
+Per tensor: FP8 weights are dequantized exactly by the project's ``FP8Checkpoint`` (fp32 product, one cast), then
+cast to BF16; the router correction bias stays fp32 and is renamed to the name NxDI loads; shapes are kept
+(no K/V replication, experts stay separate: NxDI's converter does both); MTP layers are dropped or, with
+``keep_mtp``, written to ``mtp/`` with their own index. Memory holds at most one output shard (the project's
+``ShardWriter``) plus the tensor being converted. Output is staged in a hidden sibling and renamed at the end;
+a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from neuron_export import nxdi_contract
+from neuron_export.errors import ExportError
+from neuron_export.inspection import PREPARED, inspect_checkpoint
+from neuron_export.manifest import write_manifest
+from neuron_export.project import module
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+
+def _refuse_problems(source: Path) -> None:
+    report = inspect_checkpoint(source)
+    if report.problems:
+        more = f" (+{len(report.problems) - 1} more; see 'neuron_export inspect')" if len(report.problems) > 1 else ""
+        raise ExportError(f"{report.problems[0]}{more}")
+    if report.layout == PREPARED:
+        raise ExportError(
+            f"{source}: already an NxDI-prepared checkpoint (router bias named {nxdi_contract.NXDI_ROUTER_BIAS})"
+        )
+
+
+def _refuse_overlap(source: Path, output: Path) -> None:
+    src, out = source.resolve(), output.resolve()
+    if out == src or out in src.parents or src in out.parents:
+        raise ExportError(f"{output}: output must not contain, or lie inside, the source checkpoint {source}")
+
+
+def _progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    # disable=None: shown on a terminal, silent when stderr is a pipe or a file (logs, tests).
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None, leave=False)
+
+
+def _plan_tensors(reader, keep_mtp: bool) -> list[tuple[str, str, str]]:
+    """``(source name, output name, "main" | "mtp")`` in source-shard order (sequential reads)."""
+    ckpt = reader.checkpoint
+    plan = []
+    for name in sorted(reader.weight_names(), key=lambda n: (ckpt.weight_map[n], n)):
+        if nxdi_contract.is_mtp(name):
+            if keep_mtp:
+                plan.append((name, name, "mtp"))
+        else:
+            plan.append((name, nxdi_contract.prepared_name(name), "main"))
+    return plan
+
+
+def _write_tensors(reader, plan, writers: dict, bar) -> int:
+    import torch
+
+    ckpt, written, current_shard = reader.checkpoint, 0, None
+    for source_name, output_name, target in plan:
+        shard = ckpt.weight_map[source_name]
+        if current_shard is not None and shard != current_shard:
+            ckpt.release(current_shard)
+        current_shard = shard
+        dtype = torch.float32 if nxdi_contract.output_dtype_name(output_name) == "float32" else torch.bfloat16
+        tensor = reader.get(source_name, dtype)
+        writers[target].add(output_name, tensor)
+        written += tensor.numel() * tensor.element_size()
+        bar.update(tensor.numel() * tensor.element_size())
+    ckpt.release()
+    return written
+
+
+def prepare(
+    hf_path: str | Path,
+    output: str | Path,
+    keep_mtp: bool = False,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> dict[str, Any]:
+    """Write the NxDI-ready checkpoint of ``hf_path`` to ``output``; returns a summary."""
+    source, output = Path(hf_path), Path(output)
+    start = time.perf_counter()
+    _refuse_problems(source)
+    _refuse_overlap(source, output)
+    hf, fp8, dirs, hf_export = (module(m) for m in ("hf_checkpoint", "mimo_v2_flash_fp8", "output_dirs", "hf_export"))
+    dirs.check_output_dir(output, overwrite)
+    reader = fp8.FP8Checkpoint(hf.HFCheckpoint(source))
+    for name in reader.weight_names():  # resolve every FP8 scale layout before anything is written
+        if reader.checkpoint.dtype(name) == fp8.FP8_DTYPE:
+            reader.layout(name)
+    config = nxdi_contract.nxdi_config(reader.checkpoint.config)
+    plan = _plan_tensors(reader, keep_mtp)
+    total = sum(
+        math.prod(reader.checkpoint.shape(s)) * (4 if nxdi_contract.output_dtype_name(o) == "float32" else 2)
+        for s, o, _ in plan
+    )
+    staging = dirs.staging_dir(output)
+    staging.mkdir()
+    try:
+        writers = {"main": hf_export.ShardWriter(staging, max_shard_bytes)}
+        if any(target == "mtp" for *_, target in plan):
+            (staging / nxdi_contract.MTP_DIR).mkdir()
+            writers["mtp"] = hf_export.ShardWriter(staging / nxdi_contract.MTP_DIR, max_shard_bytes)
+        with _progress_bar(total, "prepare (BF16 shards)") as bar:
+            written = _write_tensors(reader, plan, writers, bar)
+        shards = {target: len(set(writer.finish().values())) for target, writer in writers.items()}
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copied = hf_export.copy_artifacts(source, staging)
+        hashed_total = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
+        with _progress_bar(hashed_total, "SHA256SUMS") as bar:
+            write_manifest(staging, bar.update)
+        for path in staging.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        dirs.replace_directory(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    mtp_total = sum(1 for n in reader.weight_names() if nxdi_contract.is_mtp(n))
+    return {
+        "output": str(output),
+        "tensors": sum(1 for *_, t in plan if t == "main"),
+        "bytes": written,
+        "shards": shards["main"],
+        "mtp_tensors": mtp_total,
+        "mtp": "kept in mtp/" if "mtp" in shards else "dropped" if mtp_total else "none",
+        "copied": copied,
+        "fp8_source": any(reader.checkpoint.dtype(n) == fp8.FP8_DTYPE for n in reader.weight_names()),
+        "seconds": time.perf_counter() - start,
+    }

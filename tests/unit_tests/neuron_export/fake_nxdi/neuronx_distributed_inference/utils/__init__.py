@@ -1,0 +1,1 @@
+"""Fake ``neuronx_distributed_inference.utils``."""
