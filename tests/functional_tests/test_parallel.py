@@ -87,7 +87,8 @@ def test_checkpoints_reshard_both_ways_and_export_identically(hf_dir, baseline, 
     "layout, message",
     [
         ({"tp": 3}, "num_attention_heads"),
-        ({"tp": 4}, "does not divide the 2 KV heads|vocab"),
+        ({"tp": 3, "heads": 6}, "exceeds the 2 KV heads of sliding-window layers"),
+        ({"tp": 2, "heads": 6, "vocab": 385}, "vocab_size"),
         ({"ep": 3}, "experts"),
         ({"pp": 3}, "num_hidden_layers"),
         ({"etp": 3}, "moe_intermediate_size"),
@@ -97,6 +98,7 @@ def test_checkpoints_reshard_both_ways_and_export_identically(hf_dir, baseline, 
     ],
 )
 def test_impossible_layouts_are_refused_before_loading(layout, message):
-    arch = parse_architecture(tiny_config(num_attention_heads=4))
+    heads, vocab = layout.pop("heads", 4), layout.pop("vocab", 384)
+    arch = parse_architecture(tiny_config(num_attention_heads=heads, vocab_size=vocab))
     with pytest.raises(MiMoV2FlashConfigError, match=message):
         check_parallel_layout(arch, **layout)
