@@ -251,3 +251,44 @@ def with_native_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         "rms_norm_eps": cfg["layernorm_epsilon"],
         "sliding_window": cfg["sliding_window_size"] + 1,
     }
+
+
+def released_config() -> dict[str, Any]:
+    """The released XiaomiMiMo/MiMo-V2-Flash architecture (hub form), for planning without the checkpoint."""
+    full_layers = {0, 5, 11, 17, 23, 29, 35, 41, 47}
+    return {
+        "architectures": ["MiMoV2FlashForCausalLM"],
+        "model_type": "mimo_v2_flash",
+        "vocab_size": 152576,
+        "hidden_size": 4096,
+        "intermediate_size": 16384,
+        "moe_intermediate_size": 2048,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 4,
+        "swa_num_key_value_heads": 8,
+        "head_dim": 192,
+        "v_head_dim": 128,
+        "hybrid_layer_pattern": [0 if i in full_layers else 1 for i in range(48)],
+        "moe_layer_freq": [0] + [1] * 47,
+        "sliding_window_size": 128,
+        "rope_theta": 5_000_000.0,
+        "swa_rope_theta": 10_000.0,
+        "partial_rotary_factor": 0.334,
+        "layernorm_epsilon": 1e-5,
+        "attention_value_scale": 0.707,
+        "add_full_attention_sink_bias": False,
+        "add_swa_attention_sink_bias": True,
+        "n_routed_experts": 256,
+        "num_experts_per_tok": 8,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "routed_scaling_factor": None,
+        "max_position_embeddings": 262144,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+    }

@@ -1,0 +1,97 @@
+"""Per-rank parameter and optimizer-state memory of MiMo-V2-Flash for a TP / PP / EP / ETP layout.
+
+Counts come from the architecture (every tensor of the hub layout, MTP included) and Megatron's sharding:
+attention, dense MLPs, embeddings and the output layer are split by TP (KV-head replication gathers at run time,
+so the stored fused QKV is still split by TP); experts by EP x ETP; the router is replicated; layers are split by
+PP with the embedding on the first stage and the output layer and MTP on the last. Activations are not included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import SLIDING_ATTENTION, MiMoV2FlashArchitecture
+
+GIB = 1024**3
+# Mixed-precision Adam, bytes per trainable parameter: bf16 weight 2 + fp32 grad 4 + fp32 master 4 + m 4 + v 4.
+FULL_FT_BYTES = 18
+FROZEN_BYTES = 2
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+
+@dataclass
+class RankMemory:
+    """Parameters held by the most loaded rank, split by kind."""
+
+    dense_params: float
+    expert_params: float
+    lora_params: float
+
+    def full_finetune_bytes(self, dp: int, distributed_optimizer: bool) -> float:
+        params = self.dense_params + self.expert_params
+        if not distributed_optimizer:
+            return params * FULL_FT_BYTES
+        # bf16 weights + fp32 grads stay local; master weights and Adam moments are sharded over data parallel.
+        return params * (6 + 12 / max(dp, 1))
+
+    def lora_bytes(self) -> float:
+        return (self.dense_params + self.expert_params) * FROZEN_BYTES + self.lora_params * FULL_FT_BYTES
+
+
+def _attention_params(arch: MiMoV2FlashArchitecture, sliding: bool, lora_rank: int) -> tuple[int, int]:
+    h, heads, dk, dv = arch.hidden_size, arch.num_attention_heads, arch.head_dim, arch.v_head_dim
+    kv = arch.swa_num_kv_heads if sliding else arch.full_num_kv_heads
+    qkv_out = heads * dk + kv * (dk + dv)
+    params = h * qkv_out + heads * dv * h + heads * int(sliding and arch.swa_attention_sink) + 2 * h
+    lora = lora_rank * (h + qkv_out) + lora_rank * (heads * dv + h)
+    return params, lora
+
+
+def _mlp_params(hidden: int, ffn: int, lora_rank: int) -> tuple[int, int]:
+    return 3 * hidden * ffn, lora_rank * (hidden + 2 * ffn) + lora_rank * (ffn + hidden)
+
+
+def plan_rank_memory(
+    arch: MiMoV2FlashArchitecture, tp: int, pp: int, ep: int, etp: int, mtp_layers: int, lora_rank: int = 16
+) -> RankMemory:
+    """Parameters on the busiest pipeline stage's rank (embedding stage or output+MTP stage)."""
+    h = arch.hidden_size
+    per_layer = []
+    for kind, moe in zip(arch.layer_types, arch.moe_layers, strict=True):
+        attn, attn_lora = _attention_params(arch, kind == SLIDING_ATTENTION, lora_rank)
+        if moe:
+            mlp, mlp_lora = _mlp_params(h, arch.moe_ffn_hidden_size, lora_rank)
+            experts = arch.num_experts * mlp / (ep * etp)
+            dense = attn / tp + arch.num_experts * (h + 1)
+            lora = attn_lora / tp + arch.num_experts * mlp_lora / (ep * etp)
+        else:
+            mlp, mlp_lora = _mlp_params(h, arch.ffn_hidden_size, lora_rank)
+            experts, dense, lora = 0.0, (attn + mlp) / tp, (attn_lora + mlp_lora) / tp
+        per_layer.append((dense, experts, lora))
+    per_stage = arch.num_layers // pp
+    stages = [per_layer[i * per_stage : (i + 1) * per_stage] for i in range(pp)]
+    totals = []
+    for index, layers in enumerate(stages):
+        dense = sum(layer[0] for layer in layers)
+        experts = sum(layer[1] for layer in layers)
+        lora = sum(layer[2] for layer in layers)
+        if index == 0:
+            dense += arch.vocab_size * h / tp
+        if index == pp - 1:
+            dense += arch.vocab_size * h / tp + h
+            attn, attn_lora = _attention_params(arch, True, lora_rank)
+            mlp, mlp_lora = _mlp_params(h, arch.ffn_hidden_size, lora_rank)
+            dense += mtp_layers * ((attn + mlp + 2 * h * h) / tp + 3 * h)  # + enorm, hnorm, final_layernorm
+            lora += mtp_layers * (attn_lora + mlp_lora) / tp
+            if pp > 1 and mtp_layers:
+                dense += arch.vocab_size * h / tp  # MTP needs the embedding on the last stage too
+        totals.append(RankMemory(dense, experts, lora))
+    return max(totals, key=lambda m: m.full_finetune_bytes(1, False))
+
+
+def total_parameters(arch: MiMoV2FlashArchitecture, mtp_layers: int) -> tuple[float, float]:
+    """(total parameters, parameters active per token) of the model."""
+    mem = plan_rank_memory(arch, 1, 1, 1, 1, mtp_layers, lora_rank=0)
+    total = mem.dense_params + mem.expert_params
+    active_experts = mem.expert_params * arch.moe_topk / max(arch.num_experts, 1)
+    return total, mem.dense_params + active_experts
