@@ -51,31 +51,40 @@ def import_checkpoint(
 def export_checkpoint(
     hf_dir: Path, megatron_path: Path, hf_out: Path, dtype: torch.dtype, overwrite: bool = False, max_shard_gb: float = 5.0
 ) -> dict:
-    """Megatron checkpoint (or a fine-tuning output dir) -> HF shards in hub layout, config and tokenizer."""
-    from megatron.bridge import AutoBridge
+    """Megatron checkpoint (or a fine-tuning output dir) -> HF shards in hub layout, config and tokenizer.
+
+    Streams one layer at a time from the checkpoint (any saved layout) into bounded-size shards.
+    """
+    from megatron.bridge.models.mimo_v2_flash.checkpoint_validation import expected_tensors
     from megatron.bridge.models.mimo_v2_flash.hf_export import write_hf_checkpoint
-    from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import load_megatron_checkpoint
+    from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import iter_hf_weights, latest_iteration_dir
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import mimo_v2_flash_mapping_registry
 
     check_output_dir(hf_out, overwrite)
-    checkpoint = HFCheckpoint(hf_dir)
-    validate_checkpoint(checkpoint)
-    model = load_megatron_checkpoint(megatron_path)
-    bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
-    weights = bridge.export_hf_weights([model], cpu=True, show_progress=False)
-    bar = tqdm(total=len([n for n in checkpoint.keys() if not n.endswith(SCALE_SUFFIX)]), unit="tensor",
-               desc="export", disable=not is_rank0(), mininterval=1.0)
+    arch, mtp_layers = validate_checkpoint(HFCheckpoint(hf_dir))
+    latest_iteration_dir(megatron_path)
+    expected = set(expected_tensors(arch, mtp_layers))
+    bar = tqdm(total=len(expected), unit="tensor", desc="export", disable=not is_rank0(), mininterval=1.0)
     moved = {"bytes": 0}
+    seen: set[str] = set()
 
     def progress(name: str, nbytes: int) -> None:
+        seen.add(name)
         moved["bytes"] += nbytes
         elapsed = max(bar.format_dict["elapsed"], 1e-9)
         bar.set_postfix_str(f"{moved['bytes'] / elapsed / 1024**2:.1f} MB/s", refresh=False)
         bar.update(1)
 
-    if not is_rank0():
-        for _ in weights:
-            pass
-        return {}
+    def checked(weights):
+        yield from weights
+        missing, extra = sorted(expected - seen), sorted(seen - expected)
+        if missing or extra:
+            raise CheckpointError(
+                f"{megatron_path}: checkpoint does not match {hf_dir / 'config.json'} "
+                f"(missing {missing[:3]}, unexpected {extra[:3]})"
+            )
+
+    weights = checked(iter_hf_weights(megatron_path, mimo_v2_flash_mapping_registry()))
     summary = write_hf_checkpoint(weights, hf_dir, hf_out, dtype, int(max_shard_gb * GB), progress=progress)
     bar.close()
     return summary

@@ -81,3 +81,63 @@ def load_megatron_checkpoint(
         model = model.to(dtype)
     model.eval()
     return model
+
+
+def _group_of(name: str) -> str:
+    """Load unit: one decoder / MTP layer, or the remaining top-level tensors."""
+    parts = name.split(".")
+    for root in ("decoder.layers", "mtp.layers"):
+        depth = root.count(".") + 1
+        if ".".join(parts[:depth]) == root and len(parts) > depth:
+            return ".".join(parts[: depth + 1])
+    return "other"
+
+
+def iter_hf_weights(path: str | Path, mapping_registry):
+    """Stream ``(hf_name, tensor)`` from a Megatron checkpoint one layer at a time (single process).
+
+    The model is built on the meta device; each layer's slice of the distributed checkpoint is loaded into
+    freshly allocated CPU tensors, mapped to HF names with the bridge's mappings, yielded and freed. Memory holds
+    one layer, whatever layout the checkpoint was saved at.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
+    from megatron.bridge.training.model_load_save import load_model_config
+
+    directory = latest_iteration_dir(path)
+    provider, _ = load_model_config(str(directory))
+    for name, value in {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+                        "expert_model_parallel_size": 1, "expert_tensor_parallel_size": 1}.items():
+        setattr(provider, name, value)
+    provider.finalize()
+    model = provider.provide_distributed_model(wrap_with_ddp=False, init_model_with_meta_device=True)[0]
+    metadata = dist_checkpointing.load_content_metadata(
+        preloaded_state_dict=dist_checkpointing.load_common_state_dict(str(directory))
+    )
+    sharded = model.sharded_state_dict(metadata=metadata)
+    groups: dict[str, list[str]] = {}
+    for name, item in sharded.items():
+        if isinstance(item, (ShardedTensor, ShardedTensorFactory)):
+            groups.setdefault(_group_of(name), []).append(name)
+    for group in sorted(groups, key=_group_sort_key):
+        subset = {}
+        for name in groups[group]:
+            item = sharded[name]
+            item.data = torch.empty(item.data.shape, dtype=item.data.dtype)
+            subset[name] = item
+        loaded = dist_checkpointing.load({"model": subset}, str(directory), TorchDistLoadShardedStrategy())["model"]
+        for name in groups[group]:
+            mapping = mapping_registry.megatron_to_hf_lookup(name)
+            if mapping is None:
+                continue
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            yield from mapping.megatron_to_hf(loaded[name], module).items()
+        del loaded, subset
+
+
+def _group_sort_key(group: str) -> tuple[int, int]:
+    if group == "other":
+        return (2, 0)
+    return (0 if group.startswith("decoder") else 1, int(group.rsplit(".", 1)[1]))
