@@ -16,7 +16,7 @@ from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
     MiMoV2FlashConfigError,
     parse_architecture,
 )
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8_DTYPE, SCALE_SUFFIX
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8_DTYPE, SCALE_SUFFIX, FP8Checkpoint
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, FP8_DTYPE)
 
@@ -72,6 +72,7 @@ def validate_checkpoint(checkpoint: HFCheckpoint) -> tuple[MiMoV2FlashArchitectu
     """Validate config and tensors; returns the architecture and the number of MTP layers."""
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_bridge import count_mtp_layers
 
+    FP8Checkpoint(checkpoint)  # every FP8 weight has its scale and every scale its weight
     try:
         arch = parse_architecture(checkpoint.config)
     except MiMoV2FlashConfigError as error:

@@ -31,7 +31,6 @@ def import_checkpoint(
 
     check_output_dir(megatron_path, overwrite)
     checkpoint = HFCheckpoint(hf_dir)
-    FP8Checkpoint(checkpoint)
     arch, mtp_layers = validate_checkpoint(checkpoint)
     start = time.perf_counter()
     bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
