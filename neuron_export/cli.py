@@ -27,25 +27,25 @@ def positive_int(text: str) -> int:
 
 
 def _add_layout_flags(parser: argparse.ArgumentParser) -> None:
-    from_layout = {"tp": 64, "ep": 64, "moe_tp": 1, "batch_size": 32, "seq_len": 8192, "logical_nc_config": 2}
+    from neuron_export.layout import INSTANCES, Layout  # pure arithmetic, cheap to import
+
+    defaults = Layout()
     group = parser.add_argument_group("layout (NxDI MoENeuronConfig)")
-    group.add_argument("--tp", type=positive_int, default=from_layout["tp"], help="tp_degree (default %(default)s)")
+    group.add_argument("--tp", type=positive_int, default=defaults.tp, help="tp_degree (default %(default)s)")
     group.add_argument(
         "--ep",
         type=positive_int,
-        default=from_layout["ep"],
+        default=defaults.ep,
         help="moe_ep_degree: experts split over this many ranks (default %(default)s)",
     )
     group.add_argument(
         "--moe-tp",
         type=positive_int,
-        default=from_layout["moe_tp"],
+        default=defaults.moe_tp,
         help="moe_tp_degree; moe_tp x ep must equal tp (default %(default)s)",
     )
-    group.add_argument(
-        "--batch-size", type=positive_int, default=from_layout["batch_size"], help="(default %(default)s)"
-    )
-    group.add_argument("--seq-len", type=positive_int, default=from_layout["seq_len"], help="(default %(default)s)")
+    group.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="(default %(default)s)")
+    group.add_argument("--seq-len", type=positive_int, default=defaults.seq_len, help="(default %(default)s)")
     group.add_argument(
         "--max-context-length", type=positive_int, default=None, help="prompt length bucket (default: seq-len)"
     )
@@ -53,12 +53,10 @@ def _add_layout_flags(parser: argparse.ArgumentParser) -> None:
         "--logical-nc-config",
         type=int,
         choices=(1, 2),
-        default=from_layout["logical_nc_config"],
+        default=defaults.logical_nc_config,
         help="logical NeuronCore config, LNC (default %(default)s)",
     )
-    group.add_argument(
-        "--instance", default="trn2.48xlarge", choices=("trn2.48xlarge", "trn2.3xlarge"), help="(default %(default)s)"
-    )
+    group.add_argument("--instance", default=defaults.instance, choices=tuple(INSTANCES), help="(default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,59 +132,49 @@ def _layout(args: argparse.Namespace):
     )
 
 
-def _run(args: argparse.Namespace) -> int:
+def _inspect(args: argparse.Namespace) -> None:
     from neuron_export.errors import ExportError
+    from neuron_export.inspection import inspect_checkpoint
+    from neuron_export.report_text import render
 
-    if args.command == "inspect":
-        from neuron_export.inspection import inspect_checkpoint
-        from neuron_export.report_text import render
+    report = inspect_checkpoint(args.hf_path)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else render(report))
+    if report.problems:
+        more = f" (+{len(report.problems) - 1} more listed above)" if len(report.problems) > 1 else ""
+        raise ExportError(f"{report.problems[0]}{more}")
 
-        report = inspect_checkpoint(args.hf_path)
-        print(json.dumps(report.to_dict(), indent=2) if args.json else render(report))
-        if report.problems:
-            more = f" (+{len(report.problems) - 1} more listed above)" if len(report.problems) > 1 else ""
-            raise ExportError(f"{report.problems[0]}{more}")
-    elif args.command == "prepare":
-        from neuron_export.prepare import prepare
 
-        summary = prepare(
-            args.hf_path,
-            args.output,
-            keep_mtp=args.keep_mtp,
-            overwrite=args.overwrite,
-            max_shard_bytes=int(args.max_shard_gb * 1e9),
-        )
-        from neuron_export.report_text import human_bytes
+def _prepare(args: argparse.Namespace) -> None:
+    from neuron_export.prepare import prepare
+    from neuron_export.report_text import human_bytes
 
-        print(
-            f"prepared {summary['tensors']} tensors ({human_bytes(summary['bytes'])} BF16, "
-            f"{summary['shards']} shard(s)"
-            f"{', FP8 dequantized' if summary['fp8_source'] else ''}; MTP {summary['mtp']}) in "
-            f"{summary['seconds']:.1f} s -> {summary['output']}"
-        )
-    elif args.command == "plan":
-        from neuron_export.plan import plan
+    summary = prepare(args.hf_path, args.output, keep_mtp=args.keep_mtp, overwrite=args.overwrite,
+                      max_shard_bytes=int(args.max_shard_gb * 1e9))  # fmt: skip
+    fp8 = ", FP8 dequantized" if summary["fp8_source"] else ""
+    print(f"prepared {summary['tensors']} tensors ({human_bytes(summary['bytes'])} BF16, {summary['shards']} "
+          f"shard(s){fp8}; MTP {summary['mtp']}) in {summary['seconds']:.1f} s -> {summary['output']}")  # fmt: skip
 
-        result = plan(args.hf_path, _layout(args), config_only=args.config_only)
-        print(result.text)
-        if result.problems:
-            raise ExportError("layout infeasible: " + "; ".join(result.problems))
-    else:
-        from neuron_export.compile import compile_prepared
 
-        result = compile_prepared(
-            args.prepared,
-            args.compiled_path,
-            _layout(args),
-            args.neuron_python,
-            args.adapter_src,
-            args.prompt,
-            args.max_new_tokens,
-            args.overwrite,
-            args.verify_checksums,
-        )
-        print(f"compiled -> {result.compiled_path}; smoke generation: {result.smoke['text']!r}")
-    return 0
+def _plan(args: argparse.Namespace) -> None:
+    from neuron_export.errors import ExportError
+    from neuron_export.plan import plan
+
+    result = plan(args.hf_path, _layout(args), config_only=args.config_only)
+    print(result.text)
+    if result.problems:
+        raise ExportError("layout infeasible: " + "; ".join(result.problems))
+
+
+def _compile(args: argparse.Namespace) -> None:
+    from neuron_export.compile import compile_prepared
+
+    result = compile_prepared(args.prepared, args.compiled_path, _layout(args), args.neuron_python,
+                              args.adapter_src, args.prompt, args.max_new_tokens, args.overwrite,
+                              args.verify_checksums)  # fmt: skip
+    print(f"compiled -> {result.compiled_path}; smoke generation: {result.smoke['text']!r}")
+
+
+COMMANDS = {"inspect": _inspect, "prepare": _prepare, "plan": _plan, "compile": _compile}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from neuron_export.project import user_errors
 
-    expected = user_errors()
+    expected = (*user_errors(), OSError)  # OSError: unreadable input, unwritable output, disk full
     try:
-        return _run(args)
+        COMMANDS[args.command](args)
+        return 0
     except expected as error:
         message = " ".join(str(error).split())  # one line, whatever the message held
         print(f"error: {message}", file=sys.stderr)

@@ -22,6 +22,7 @@ from neuron_export.layout import Layout
 from neuron_export.manifest import verify_manifest
 from neuron_export.neuron_sdk import ADAPTER_ENV, ADAPTER_MODULE, adapter_dir, detect_sdk, run_backend
 from neuron_export.plan import plan
+from neuron_export.prepare import refuse_overlap
 from neuron_export.project import module
 
 
@@ -59,6 +60,7 @@ def compile_prepared(
     """Compile ``prepared`` for ``layout`` into ``compiled_path`` (see the module docstring)."""
     prepared, compiled_path = Path(prepared), Path(compiled_path)
     check_prepared(prepared, verify_checksums)
+    refuse_overlap(prepared, compiled_path)
     checked = plan(prepared, layout)
     if checked.problems:
         raise ExportError("layout infeasible: " + "; ".join(checked.problems))

@@ -37,10 +37,11 @@ def _refuse_problems(source: Path) -> None:
         )
 
 
-def _refuse_overlap(source: Path, output: Path) -> None:
+def refuse_overlap(source: Path, output: Path) -> None:
+    """Refuse an output that contains, equals or lies inside ``source`` (replacing it would destroy the input)."""
     src, out = source.resolve(), output.resolve()
     if out == src or out in src.parents or src in out.parents:
-        raise ExportError(f"{output}: output must not contain, or lie inside, the source checkpoint {source}")
+        raise ExportError(f"{output}: output must not contain, or lie inside, the input checkpoint {source}")
 
 
 def _progress_bar(total: int, desc: str):
@@ -92,7 +93,7 @@ def prepare(
     source, output = Path(hf_path), Path(output)
     start = time.perf_counter()
     _refuse_problems(source)
-    _refuse_overlap(source, output)
+    refuse_overlap(source, output)
     hf, fp8, dirs, hf_export = (module(m) for m in ("hf_checkpoint", "mimo_v2_flash_fp8", "output_dirs", "hf_export"))
     dirs.check_output_dir(output, overwrite)
     reader = fp8.FP8Checkpoint(hf.HFCheckpoint(source))

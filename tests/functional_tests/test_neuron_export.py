@@ -73,7 +73,6 @@ def test_inspect_json_from_headers(ckpts):
     assert set(report["bytes_by_dtype"]) == {"bfloat16", "float32", "float8_e4m3fn"}
 
 
-
 def test_inspect_lists_every_problem(ckpts, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(ckpts["fp8"], bad)
@@ -104,19 +103,23 @@ def _prepare_bad(ckpts, tmp_path, damage, source="fp8"):
     return ["prepare", "--hf-path", str(bad), "--output", str(tmp_path / "out" / "prepared")]
 
 
+def _drop(*names):
+    return lambda d: edit_tensors(d, lambda s: {k: v for k, v in s.items() if k not in names})
+
+
+def _config(**changes):
+    return lambda d: edit_config(d, lambda c: {k: v for k, v in {**c, **changes}.items() if v != "<drop>"})
+
+
 PREPARE_CASES = {
-    "non-MiMo checkpoint": (lambda d: edit_config(d, lambda c: {**c, "model_type": "llama",
-                                                                "architectures": ["LlamaForCausalLM"]}), "not a MiMo-V2-Flash"),
-    "missing tensor": (lambda d: edit_tensors(d, lambda s: {k: v for k, v in s.items() if k != "lm_head.weight"}),
-                       "lm_head.weight is missing"),
-    "FP8 scale missing": (lambda d: edit_tensors(d, lambda s: {k: v for k, v in s.items() if k != Q1 + "_scale_inv"}),
-                          "has no _scale_inv"),
-    "tied embeddings": (lambda d: edit_config(d, lambda c: {**c, "tie_word_embeddings": True}), "tie_word_embeddings"),
-    "routed scaling": (lambda d: edit_config(d, lambda c: {**c, "routed_scaling_factor": 2.5}), "routed_scaling_factor"),
+    "non-MiMo checkpoint": (_config(model_type="llama", architectures=["LlamaForCausalLM"]), "not a MiMo-V2-Flash"),
+    "missing tensor": (_drop("lm_head.weight"), "lm_head.weight is missing"),
+    "FP8 scale missing": (_drop(Q1 + "_scale_inv"), "has no _scale_inv"),
+    "tied embeddings": (_config(tie_word_embeddings=True), "tie_word_embeddings"),
+    "routed scaling": (_config(routed_scaling_factor=2.5), "routed_scaling_factor"),
     "no config": (lambda d: (d / "config.json").unlink(), "config.json not found"),
-    "FP8 without block size": (lambda d: edit_config(d, lambda c: {k: v for k, v in c.items() if k != "quantization_config"}),
-                               "weight_block_size"),
-}  # fmt: skip
+    "FP8 without block size": (_config(quantization_config="<drop>"), "weight_block_size"),
+}
 
 
 @pytest.mark.parametrize("case", sorted(PREPARE_CASES))
@@ -134,7 +137,9 @@ def test_prepare_refuses_existing_output_prepared_input_and_overlap(ckpts, tmp_p
     (existing / "keep.txt").write_text("precious")
     line = one_line_error(capsys, main(["prepare", "--hf-path", str(ckpts["source"]), "--output", str(existing)]))
     assert "already exists" in line and (existing / "keep.txt").read_text() == "precious"
-    line = one_line_error(capsys, main(["prepare", "--hf-path", str(ckpts["prepared"]), "--output", str(tmp_path / "x")]))
+    line = one_line_error(
+        capsys, main(["prepare", "--hf-path", str(ckpts["prepared"]), "--output", str(tmp_path / "x")])
+    )
     assert "already an NxDI-prepared checkpoint" in line
     inside = ckpts["source"] / "nested"
     line = one_line_error(capsys, main(["prepare", "--hf-path", str(ckpts["source"]), "--output", str(inside)]))
@@ -165,8 +170,8 @@ def test_plan_real_config_only(tmp_path, capsys):
 
 def test_compile_without_sdk_writes_bundle(ckpts, tmp_path, capsys):
     target = tmp_path / "compiled"
-    line = one_line_error(capsys, main(["compile", "--prepared", str(ckpts["prepared"]), "--compiled-path", str(target),
-                                        *TINY_LAYOUT]))  # fmt: skip
+    args = ["compile", "--prepared", str(ckpts["prepared"]), "--compiled-path", str(target), *TINY_LAYOUT]
+    line = one_line_error(capsys, main(args))
     assert "Neuron SDK not available" in line and "run_on_trn2.sh" in line
     assert sorted(p.name for p in target.iterdir()) == ["README.txt", "neuron_export_layout.json",
         "nxdi_compile_and_smoke.py", "run_on_trn2.sh", "serve_vllm.sh", "vllm_adapter_shim"]  # fmt: skip
@@ -190,6 +195,10 @@ def test_compile_bad_input(ckpts, tmp_path, capsys):
     (tampered / "extra.bin").write_bytes(b"x")
     line = one_line_error(capsys, main(["compile", "--prepared", str(tampered), "--compiled-path", str(target)]))
     assert "not listed in SHA256SUMS" in line
+    inside = ckpts["prepared"] / "compiled"
+    code = main(["compile", "--prepared", str(ckpts["prepared"]), "--compiled-path", str(inside)])
+    line = one_line_error(capsys, code)
+    assert "must not contain, or lie inside" in line and not inside.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tampered"]
 
 
@@ -197,8 +206,8 @@ def test_compile_with_fake_sdk_generates_like_the_source(ckpts, tmp_path, capsys
     for key, value in fake_sdk_env().items():
         monkeypatch.setenv(key, value)
     target = tmp_path / "compiled"
-    code = main(["compile", "--prepared", str(ckpts["prepared_fp8"]), "--compiled-path", str(target), *TINY_LAYOUT,
-                 "--adapter-src", str(FAKE_NXDI), "--prompt", "The quick brown fox", "--max-new-tokens", "4"])  # fmt: skip
+    args = ["compile", "--prepared", str(ckpts["prepared_fp8"]), "--compiled-path", str(target), *TINY_LAYOUT]
+    code = main([*args, "--adapter-src", str(FAKE_NXDI), "--prompt", "The quick brown fox", "--max-new-tokens", "4"])
     assert code == 0, capsys.readouterr().err
     assert {"model.pt", "neuron_config.json", "weights", "smoke_generation.json", "run_on_trn2.sh"} <= {
         p.name for p in target.iterdir()}  # fmt: skip

@@ -13,9 +13,13 @@ def _adapter_config(fake_nxdi, cfg: dict, tp: int = 4):
     modeling, nxdi_config, hf_adapter = fake_nxdi
     from transformers import PretrainedConfig
 
-    neuron_config = nxdi_config.MoENeuronConfig(tp_degree=tp, moe_tp_degree=1, moe_ep_degree=tp, torch_dtype="bfloat16")
+    neuron_config = nxdi_config.MoENeuronConfig(
+        tp_degree=tp, moe_tp_degree=1, moe_ep_degree=tp, torch_dtype="bfloat16"
+    )
     hf_config = PretrainedConfig(**cfg)
-    return modeling.MiMoV2InferenceConfig(neuron_config, load_config=hf_adapter.load_pretrained_config(hf_config=hf_config))
+    return modeling.MiMoV2InferenceConfig(
+        neuron_config, load_config=hf_adapter.load_pretrained_config(hf_config=hf_config)
+    )
 
 
 def test_released_config_lacks_adapter_fields_and_normalized_one_loads(fake_nxdi):

@@ -22,18 +22,28 @@ def _model(fake_nxdi, directory, tp: int = 4, fix: bool = True):
     layout = {"tp": tp, "ep": tp, "moe_tp": 1, "batch_size": 2, "seq_len": 64, "logical_nc_config": 2}
     neuron_config = nxdi_config.MoENeuronConfig(**neuron_config_kwargs(layout))
     hf_config = PretrainedConfig.from_json_file(str(directory / "config.json"))
-    cfg = modeling.MiMoV2InferenceConfig(neuron_config, load_config=hf_adapter.load_pretrained_config(hf_config=hf_config))
+    cfg = modeling.MiMoV2InferenceConfig(
+        neuron_config, load_config=hf_adapter.load_pretrained_config(hf_config=hf_config)
+    )
     return modeling.NeuronMiMoV2ForCausalLM(str(directory), cfg)
 
 
 def test_prepared_checkpoint_compiles_and_generates_like_the_source(fake_nxdi, ne_checkpoints, tmp_path):
     model = _model(fake_nxdi, ne_checkpoints["prepared_fp8"])
     model.compile(str(tmp_path / "compiled"))
-    assert sorted(p.name for p in (tmp_path / "compiled" / "weights").iterdir())[0] == "tp0_sharded_checkpoint.safetensors"
+    assert (
+        sorted(p.name for p in (tmp_path / "compiled" / "weights").iterdir())[0]
+        == "tp0_sharded_checkpoint.safetensors"
+    )
     model.load(str(tmp_path / "compiled"))
-    generated = fake_nxdi[2].HuggingFaceGenerationAdapter(model).generate(
-        input_ids=torch.tensor([[5, 17, 99, 3, 250, 41, 7]]), attention_mask=torch.ones(1, 7, dtype=torch.long),
-        max_new_tokens=6,
+    generated = (
+        fake_nxdi[2]
+        .HuggingFaceGenerationAdapter(model)
+        .generate(
+            input_ids=torch.tensor([[5, 17, 99, 3, 250, 41, 7]]),
+            attention_mask=torch.ones(1, 7, dtype=torch.long),
+            max_new_tokens=6,
+        )
     )
     source = {k: v.to(torch.bfloat16) for k, v in dequantized(ne_checkpoints["fp8"]).items()}
     assert generated[0, 7:].tolist() == greedy(source, config(ne_checkpoints["fp8"]), [5, 17, 99, 3, 250, 41, 7], 6)
@@ -57,8 +67,15 @@ def _fuse_experts(state):
     out = {k: v for k, v in state.items() if ".experts." not in k}
     for layer in {k.split(".mlp.experts.")[0] for k in state if ".mlp.experts." in k}:
         out[layer + ".mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([state[f"{layer}.mlp.experts.{e}.gate_proj.weight"], state[f"{layer}.mlp.experts.{e}.up_proj.weight"]])
-             for e in range(4)]  # fmt: skip
+            [
+                torch.cat(
+                    [
+                        state[f"{layer}.mlp.experts.{e}.gate_proj.weight"],
+                        state[f"{layer}.mlp.experts.{e}.up_proj.weight"],
+                    ]
+                )
+                for e in range(4)
+            ]  # fmt: skip
         )
     return out
 

@@ -75,7 +75,9 @@ def test_layout_rules(arch, layout, fragment):
 def test_ep_must_divide_experts(arch):
     cfg = dict(REAL_CONFIG, n_routed_experts=96)
     odd = project("mimo_v2_flash_config").parse_architecture(cfg)
-    assert any("does not divide the 96 experts" in p for p in layout_problems(odd, Layout(tp=64, ep=64, batch_size=32)))
+    assert any(
+        "does not divide the 96 experts" in p for p in layout_problems(odd, Layout(tp=64, ep=64, batch_size=32))
+    )
 
 
 def test_hbm_budget_is_enforced(real_config):
@@ -83,7 +85,9 @@ def test_hbm_budget_is_enforced(real_config):
     assert len(result.problems) == 1 and "above the 24.00 GiB budget" in result.problems[0]
     assert "at most 13487 tokens at batch 32" in result.problems[0]
     lean = plan(real_config, Layout(tp=64, ep=1, moe_tp=64, batch_size=1, seq_len=1024), config_only=True)
-    assert lean.problems == [] and lean.memory.weights_per_rank == pytest.approx(result.memory.weights_per_rank, rel=1e-3)
+    assert lean.problems == [] and lean.memory.weights_per_rank == pytest.approx(
+        result.memory.weights_per_rank, rel=1e-3
+    )
 
 
 def test_lnc1_halves_the_budget(real_config):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from ne_helpers import config, dequantized, load_weights
+from ne_helpers import config, dequantized, load_weights, project
 from ne_reference import logits
 
 PREPARED_BIAS = "model.layers.{i}.mlp.router.e_score_correction_bias"  # what NxDI loads (written independently here)
@@ -77,7 +77,18 @@ def test_prepared_logits_equal_source_logits(ne_checkpoints, source_key, prepare
     assert (ours - reference).abs().max() <= 1e-4
     # The comparison can fail: the router bias and the sinks each change the logits.
     no_bias = {k: (torch.zeros_like(v) if "e_score_correction_bias" in k else v) for k, v in prepared.items()}
-    assert (logits(no_bias, config(ne_checkpoints[prepared_key]), IDS, router_bias=PREPARED_BIAS) - reference).abs().max() > 1e-3
+    assert (
+        logits(no_bias, config(ne_checkpoints[prepared_key]), IDS, router_bias=PREPARED_BIAS) - reference
+    ).abs().max() > 1e-3
     no_sinks = {k: v for k, v in prepared.items() if not k.endswith("attention_sink_bias")}
     with pytest.raises(KeyError, match="attention_sink_bias"):
         logits(no_sinks, config(ne_checkpoints[prepared_key]), IDS, router_bias=PREPARED_BIAS)
+
+
+def test_output_shards_are_bounded(ne_checkpoints):
+    """prepared_fp8 was written with max_shard_bytes=100_000: no shard holds more (streaming, shard by shard)."""
+    hf = project("hf_checkpoint").HFCheckpoint(ne_checkpoints["prepared_fp8"])
+    per_shard: dict[str, int] = {}
+    for name in hf.keys():
+        per_shard[hf.weight_map[name]] = per_shard.get(hf.weight_map[name], 0) + hf.nbytes(name)
+    assert len(per_shard) > 3 and max(per_shard.values()) <= 100_000

@@ -96,14 +96,19 @@ def convert_state_dict(sd: dict, config) -> dict:
 def module_parameters(config, routers_have_bias: bool) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every parameter the adapter's module tree has (after conversion)."""
     h, heads, tp = config.hidden_size, config.num_attention_heads, config.neuron_config.tp_degree
-    params = {"embed_tokens.weight": (config.vocab_size, h), "norm.weight": (h,), "lm_head.weight": (config.vocab_size, h)}
+    params = {
+        "embed_tokens.weight": (config.vocab_size, h),
+        "norm.weight": (h,),
+        "lm_head.weight": (config.vocab_size, h),
+    }
     for i in range(config.num_hidden_layers):
         kv, head_dim, v_dim = _attention_dims(config, i)
         kv = heads if tp > kv else kv
         p = f"layers.{i}."
         params.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
-        params.update({p + "self_attn.q_proj.weight": (heads * head_dim, h), p + "self_attn.k_proj.weight": (kv * head_dim, h),
-                       p + "self_attn.v_proj.weight": (kv * v_dim, h), p + "self_attn.o_proj.weight": (h, heads * v_dim)})  # fmt: skip
+        attention = {"q_proj": (heads * head_dim, h), "k_proj": (kv * head_dim, h), "v_proj": (kv * v_dim, h),
+                     "o_proj": (h, heads * v_dim)}  # fmt: skip
+        params.update({f"{p}self_attn.{name}.weight": shape for name, shape in attention.items()})
         sliding = config.layer_attention_types[i] == "sliding_window"
         if getattr(config, "add_swa_attention_sink_bias" if sliding else "add_full_attention_sink_bias", sliding):
             params[p + "self_attn.attention_sink_bias"] = (heads,)
@@ -156,7 +161,9 @@ class NeuronMiMoV2ForCausalLM:
         missing = sorted(set(expected) - set(converted))
         ignored = sorted(set(converted) - set(expected))
         if missing or ignored:
-            raise KeyError(f"missing parameters {missing[:3]}, keys no parameter loads (silently dropped) {ignored[:3]}")
+            raise KeyError(
+                f"missing parameters {missing[:3]}, keys no parameter loads (silently dropped) {ignored[:3]}"
+            )
         for name, shape in expected.items():
             if tuple(converted[name].shape) != shape:
                 raise ValueError(f"{name}: shape {tuple(converted[name].shape)}, the module expects {shape}")
@@ -203,9 +210,14 @@ class NeuronMiMoV2ForCausalLM:
                 sd[p + "gate.weight"] = sd.pop(p + "router.linear_router.weight")
                 bias = sd.pop(p + "router.e_score_correction_bias", torch.zeros(c.n_routed_experts))
                 sd[p + "gate.e_score_correction_bias"] = bias
-                gate_up, down = sd.pop(p + "expert_mlps.mlp_op.gate_up_proj.weight"), sd.pop(p + "expert_mlps.mlp_op.down_proj.weight")
+                gate_up, down = (
+                    sd.pop(p + "expert_mlps.mlp_op.gate_up_proj.weight"),
+                    sd.pop(p + "expert_mlps.mlp_op.down_proj.weight"),
+                )
                 for e in range(c.n_routed_experts):
-                    sd[f"{p}experts.{e}.gate_proj.weight"], sd[f"{p}experts.{e}.up_proj.weight"] = gate_up[e].T.chunk(2)
+                    sd[f"{p}experts.{e}.gate_proj.weight"], sd[f"{p}experts.{e}.up_proj.weight"] = gate_up[e].T.chunk(
+                        2
+                    )
                     sd[f"{p}experts.{e}.down_proj.weight"] = down[e].T
         weights = {(k if k == "lm_head.weight" else "model." + k): v for k, v in sd.items()}
         reference_config = {
@@ -218,7 +230,8 @@ class NeuronMiMoV2ForCausalLM:
             "hybrid_layer_pattern": c.hybrid_layer_pattern, "moe_layer_freq": c.moe_layer_freq,
             "add_full_attention_sink_bias": getattr(c, "add_full_attention_sink_bias", False),
             "add_swa_attention_sink_bias": getattr(c, "add_swa_attention_sink_bias", True),
-            "n_routed_experts": c.n_routed_experts, "num_experts_per_tok": c.num_experts_per_tok, "norm_topk_prob": True,
+            "n_routed_experts": c.n_routed_experts, "num_experts_per_tok": c.num_experts_per_tok,
+            "norm_topk_prob": True,
         }  # fmt: skip
         return weights, reference_config
 

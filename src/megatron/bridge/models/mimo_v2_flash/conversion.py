@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from tqdm import tqdm
 from megatron.bridge.models.mimo_v2_flash.checkpoint_validation import validate_checkpoint
 from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8_DTYPE, SCALE_SUFFIX, FP8Checkpoint
-from megatron.bridge.models.mimo_v2_flash.output_dirs import check_output_dir
+from megatron.bridge.models.mimo_v2_flash.output_dirs import check_output_dir, replace_directory, staging_dir
 
 GB = 1024**3
 
@@ -28,15 +29,26 @@ def import_checkpoint(
     from megatron.bridge import AutoBridge
     from megatron.bridge.models.mimo_v2_flash.inference import build_model, configure_provider
     from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import save_megatron_checkpoint
+    from megatron.bridge.models.mimo_v2_flash.streaming_import import stream_import
 
     check_output_dir(megatron_path, overwrite)
     checkpoint = HFCheckpoint(hf_dir)
     arch, mtp_layers = validate_checkpoint(checkpoint)
     start = time.perf_counter()
-    bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
-    provider = configure_provider(bridge.to_megatron_provider(load_weights=True), dtype, parallel_output=True, **layout)
-    model = build_model(provider)
-    save_megatron_checkpoint(model, megatron_path, tokenizer_dir=hf_dir)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        # One process: stream tensor by tensor into the checkpoint (memory bounded by a parameter, not the model).
+        staged = staging_dir(megatron_path)
+        try:
+            stream_import(hf_dir, staged, dtype)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        replace_directory(staged, megatron_path)
+    else:
+        # Sharded: every rank builds and loads its own shard of the model, then all ranks save together.
+        bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
+        provider = configure_provider(bridge.to_megatron_provider(load_weights=True), dtype, parallel_output=True, **layout)
+        save_megatron_checkpoint(build_model(provider), megatron_path, tokenizer_dir=hf_dir)
     source_bytes = sum(checkpoint.nbytes(n) for n in checkpoint.keys())
     return {
         "tensors": len([n for n in checkpoint.keys() if not n.endswith(SCALE_SUFFIX)]),

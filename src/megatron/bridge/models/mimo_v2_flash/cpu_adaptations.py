@@ -22,14 +22,15 @@ def cuda_absent() -> bool:
 
 
 def _cpu_current_device() -> torch.device:
-    return torch.device("cpu")
+    # The default device: the CPU, or "meta" inside a ``torch.device("meta")`` model-building context.
+    return torch.get_default_device()
 
 
 @functools.cache
 def apply_cpu_adaptations() -> bool:
     """Apply the adaptations if CUDA is absent; returns whether they were applied (idempotent).
 
-    ``torch.cuda.current_device`` -> the CPU device. Without CUDA it raises ``RuntimeError: Found no NVIDIA
+    ``torch.cuda.current_device`` -> the default device (the CPU; "meta" while a model is built on meta). Without CUDA it raises ``RuntimeError: Found no NVIDIA
     driver``; Megatron-Core calls it unconditionally for tensor placement in:
     ``transformer/moe/router.py`` (``TopKRouter.__init__`` expert-bias buffers, ``Router.gating`` moving the
     weight), ``transformer/multi_token_prediction.py`` (``roll_tensor`` receive buffers, MTP loss tracker),

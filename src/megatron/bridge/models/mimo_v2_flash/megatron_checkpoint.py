@@ -112,8 +112,9 @@ def iter_hf_weights(path: str | Path, mapping_registry):
                         "expert_model_parallel_size": 1, "expert_tensor_parallel_size": 1}.items():
         setattr(provider, name, value)
     provider.finalize()
+    provider.perform_initialization = False
     model = provider.provide_distributed_model(
-        wrap_with_ddp=False, init_model_with_meta_device=True, mixed_precision_wrapper=None
+        wrap_with_ddp=False, init_model_with_meta_device=True, use_cpu_initialization=True, mixed_precision_wrapper=None
     )[0]
     metadata = dist_checkpointing.load_content_metadata(
         preloaded_state_dict=dist_checkpointing.load_common_state_dict(str(directory))

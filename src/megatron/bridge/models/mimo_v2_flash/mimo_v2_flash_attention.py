@@ -229,7 +229,8 @@ class MiMoV2FlashCoreAttention(MegatronModule):
         )
 
 
-def _init_device(config) -> torch.device | str:
+def _init_device(config) -> torch.device | str | None:
+    """As Megatron-Core's layers: the default device with CPU initialization (honours a meta context)."""
     if config.use_cpu_initialization or not torch.cuda.is_available():
-        return "cpu"
+        return None
     return torch.cuda.current_device()

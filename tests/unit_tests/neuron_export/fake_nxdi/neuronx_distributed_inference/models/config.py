@@ -43,7 +43,9 @@ class MoENeuronConfig(NeuronConfig):
         self.moe_tp_degree = int(kwargs.pop("moe_tp_degree", 1))
         self.moe_ep_degree = int(kwargs.pop("moe_ep_degree", 1))
         router = kwargs.pop("router_config", None) or {}
-        self.router_config = SimpleNamespace(act_fn=router.get("act_fn", "softmax"), dtype=router.get("dtype", "float32"))
+        self.router_config = SimpleNamespace(
+            act_fn=router.get("act_fn", "softmax"), dtype=router.get("dtype", "float32")
+        )
         super().__init__(**kwargs)
         if self.moe_ep_degree > 1 and self.moe_tp_degree * self.moe_ep_degree != self.tp_degree:
             raise ValueError(f"moe_tp_degree x moe_ep_degree must equal tp_degree {self.tp_degree}")

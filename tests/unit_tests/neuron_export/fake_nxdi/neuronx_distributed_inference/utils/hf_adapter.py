@@ -34,7 +34,8 @@ class HuggingFaceGenerationAdapter:
             raise RuntimeError("fake NxDI: generate() before load()")
         steps = max_new_tokens or generation_config.max_new_tokens
         rows = []
-        for row, mask in zip(input_ids, attention_mask if attention_mask is not None else torch.ones_like(input_ids)):
+        masks = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        for row, mask in zip(input_ids, masks, strict=True):
             prompt = row[mask.bool()].tolist()
             rows.append(torch.tensor(prompt + self.model.greedy(prompt, steps)))
         return torch.stack(rows)

@@ -1,0 +1,163 @@
+"""Single-process HF -> Megatron import with bounded memory: tensors are computed while they are written.
+
+The model is built on the meta device. Megatron-Bridge's own ``save_checkpoint`` writes the checkpoint (so it is
+the same torch_dist checkpoint training loads) with a save strategy whose planner materializes each tensor only
+when PyTorch's file writer asks for it: the parameter behind a write item (found through its meta storage) is
+produced by the bridge's HF -> Megatron mapping from the (FP8-dequantizing) checkpoint reader, the item's view of
+it is written, and it is dropped. Memory holds about one parameter plus the file writer's buffer.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import save as dcp_save
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+class ParameterMaterializer:
+    """Computes real values for meta parameters of ``model`` from an HF checkpoint, one parameter at a time."""
+
+    def __init__(self, model, bridge, hf_state, cache_size: int = 2) -> None:
+        self.model = model
+        self.bridge = bridge
+        self.hf_state = hf_state
+        self.registry = bridge.mapping_registry()
+        self.names = {}
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            self.names.setdefault(_storage_key(tensor), (name, tensor))
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.cache_size = cache_size
+        self.tensors = 0
+
+    def __call__(self, view: torch.Tensor) -> torch.Tensor:
+        """The real data of a meta tensor ``view`` (a view of some parameter or buffer)."""
+        name, meta = self.names[_storage_key(view)]
+        real = self._parameter(name, meta)
+        return torch.as_strided(real, view.shape, view.stride(), view.storage_offset()).clone()
+
+    def _parameter(self, name: str, meta: torch.Tensor) -> torch.Tensor:
+        if name in self.cache:
+            self.cache.move_to_end(name)
+            return self.cache[name]
+        mapping = self.registry.megatron_to_hf_lookup(name)
+        if mapping is None:
+            # Buffers without an HF counterpart (e.g. token counters) start from their initial value: zeros.
+            value = torch.zeros(meta.shape, dtype=meta.dtype)
+        else:
+            module = self.model.get_submodule(name.rsplit(".", 1)[0])
+            module.to_empty(device="cpu", recurse=False)
+            try:
+                hf_weights = self.bridge.maybe_modify_loaded_hf_weight(mapping.hf_param, self.hf_state)
+                value = mapping.hf_to_megatron(hf_weights, module).to(meta.dtype).contiguous()
+            finally:
+                module.to_empty(device="meta", recurse=False)
+            if tuple(value.shape) != tuple(meta.shape):
+                raise ValueError(f"{name}: mapped to shape {tuple(value.shape)}, the model expects {tuple(meta.shape)}")
+        self.cache[name] = value
+        self.tensors += 1
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return value
+
+
+class _MaterializingPlanner(MCoreSavePlanner):
+    def __init__(self, materialize, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.materialize = materialize
+
+    def resolve_data(self, write_item):
+        data = super().resolve_data(write_item)
+        if isinstance(data, torch.Tensor) and data.is_meta:
+            return self.materialize(data)
+        return data
+
+
+class MaterializingSaveStrategy(TorchDistSaveShardedStrategy):
+    """torch_dist save whose tensors are produced lazily, item by item, by PyTorch's serial file writer."""
+
+    def __init__(self, materialize) -> None:
+        super().__init__("torch_dist", 1)
+        self.materialize = materialize
+
+    def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
+        sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
+            sharded_state_dict, self.keep_only_main_replica
+        )
+        pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
+        planner = _MaterializingPlanner(
+            self.materialize,
+            dedup_replicated_tensors=not self.keep_only_main_replica,
+            flatten_state_dict=False,
+            flatten_sharded_tensors=False,
+        )
+        writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
+        dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
+
+    def can_handle_sharded_objects(self) -> bool:
+        return True
+
+
+def stream_import(hf_dir: Path, megatron_path: Path, dtype: torch.dtype) -> int:
+    """Write ``megatron_path`` (a complete Megatron-Bridge checkpoint) from ``hf_dir``; returns tensors written."""
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.training.checkpointing import get_checkpoint_name, save_checkpoint, save_tokenizer_assets
+    from megatron.bridge.training.config import CheckpointConfig, ConfigContainer, LoggerConfig, OptimizerConfig
+    from megatron.bridge.training.state import GlobalState
+    from megatron.bridge.training.tokenizers.config import TokenizerConfig
+    from megatron.bridge.training.tokenizers.tokenizer import build_tokenizer
+
+    from megatron.bridge.models.mimo_v2_flash.inference import configure_provider
+
+    auto = AutoBridge.from_hf_pretrained(str(hf_dir))
+    provider = configure_provider(auto.to_megatron_provider(load_weights=False), dtype, parallel_output=True)
+    provider.perform_initialization = False
+    # CPU initialization allocates without an explicit device, so under the meta-device context nothing is allocated.
+    model = provider.provide_distributed_model(
+        wrap_with_ddp=False, init_model_with_meta_device=True, use_cpu_initialization=True, mixed_precision_wrapper=None
+    )[0]
+    # The saved run_config must describe a normally built model.
+    provider.perform_initialization, provider.init_model_with_meta_device = True, False
+    materializer = ParameterMaterializer(model, auto._model_bridge, auto.hf_pretrained.state)
+    has_tokenizer = any(hf_dir.glob("tokenizer*"))
+    tokenizer = (
+        TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(hf_dir)) if has_tokenizer else None
+    )
+    state = GlobalState()
+    state.cfg = ConfigContainer(
+        model=provider,
+        train=None,
+        optimizer=OptimizerConfig(use_distributed_optimizer=False),
+        ddp=None,
+        scheduler=None,
+        dataset=None,
+        logger=LoggerConfig(),
+        tokenizer=tokenizer,
+        checkpoint=CheckpointConfig(async_save=False, save=str(megatron_path), save_optim=False, save_rng=False,
+                                    ckpt_format="torch_dist", dist_ckpt_optim_fully_reshardable=True),
+        dist=None,
+    )
+    save_checkpoint(
+        state=state,
+        model=[model],
+        optimizer=None,
+        opt_param_scheduler=None,
+        num_floating_point_operations_so_far=0,
+        checkpointing_context={"save_strategy": MaterializingSaveStrategy(materializer)},
+        callback_manager=None,
+    )
+    if tokenizer is not None:
+        save_tokenizer_assets(build_tokenizer(tokenizer), tokenizer, get_checkpoint_name(str(megatron_path), 0, release=False))
+    return materializer.tensors
