@@ -66,12 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         import_checkpoint,
         inspect_fp8,
         is_rank0,
+        return_freed_memory_to_the_system,
     )
     from megatron.bridge.models.mimo_v2_flash.checkpoint_validation import validate_checkpoint
     from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
     from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
 
+    return_freed_memory_to_the_system()
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[getattr(args, "dtype", "bfloat16")]
     try:
         if args.command == "inspect-fp8":

@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+MAX_OPEN_SHARDS = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -135,9 +136,13 @@ class HFCheckpoint:
         if name not in self.weight_map:
             raise CheckpointError(f"{self.directory}: tensor {name} not found in the checkpoint")
         shard = self.weight_map[name]
-        handle = self._handles.get(shard)
+        handle = self._handles.pop(shard, None)
         if handle is None:
-            handle = self._handles[shard] = safe_open(str(self.directory / shard), framework="pt")
+            handle = safe_open(str(self.directory / shard), framework="pt")
+        # Keep only the most recently used shard mapped: pages of other shards leave memory when unmapped.
+        self._handles[shard] = handle
+        while len(self._handles) > MAX_OPEN_SHARDS:
+            self._handles.pop(next(iter(self._handles)))
         try:
             return handle.get_tensor(name)
         except Exception as error:  # safetensors raises its own error types for corrupt data

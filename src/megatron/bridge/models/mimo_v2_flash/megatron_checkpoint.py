@@ -83,9 +83,12 @@ def load_megatron_checkpoint(
     return model
 
 
-def _group_of(name: str) -> str:
-    """Load unit: one decoder / MTP layer, or the remaining top-level tensors."""
+def _group_of(name: str, key: str) -> str:
+    """Load unit: one expert weight kind of a layer (all its experts: a checkpoint tensor must be read whole),
+    the rest of one decoder / MTP layer, or the remaining top-level tensors."""
     parts = name.split(".")
+    if "local_experts" in parts:
+        return key
     for root in ("decoder.layers", "mtp.layers"):
         depth = root.count(".") + 1
         if ".".join(parts[:depth]) == root and len(parts) > depth:
@@ -123,24 +126,30 @@ def iter_hf_weights(path: str | Path, mapping_registry):
     groups: dict[str, list[str]] = {}
     for name, item in sharded.items():
         if isinstance(item, (ShardedTensor, ShardedTensorFactory)):
-            groups.setdefault(_group_of(name), []).append(name)
+            groups.setdefault(_group_of(name, item.key), []).append(name)
     for group in sorted(groups, key=_group_sort_key):
         subset = {}
         for name in groups[group]:
             item = sharded[name]
             item.data = torch.empty(item.data.shape, dtype=item.data.dtype)
             subset[name] = item
-        loaded = dist_checkpointing.load({"model": subset}, str(directory), TorchDistLoadShardedStrategy())["model"]
+        # A group is a subset of the checkpoint's tensors: partial access to the checkpoint is intended.
+        loaded = dist_checkpointing.load(
+            {"model": subset}, str(directory), TorchDistLoadShardedStrategy(), validate_access_integrity=False
+        )["model"]
         for name in groups[group]:
             mapping = mapping_registry.megatron_to_hf_lookup(name)
             if mapping is None:
                 continue
             module = model.get_submodule(name.rsplit(".", 1)[0])
             yield from mapping.megatron_to_hf(loaded[name], module).items()
+        for name in groups[group]:  # give the group's memory back before the next load
+            sharded[name].data = torch.empty(sharded[name].data.shape, dtype=sharded[name].data.dtype, device="meta")
         del loaded, subset
 
 
-def _group_sort_key(group: str) -> tuple[int, int]:
+def _group_sort_key(group: str) -> tuple:
     if group == "other":
-        return (2, 0)
-    return (0 if group.startswith("decoder") else 1, int(group.rsplit(".", 1)[1]))
+        return (2,)
+    parts = group.split(".")
+    return (0 if group.startswith("decoder") else 1, int(parts[2]), group)

@@ -59,9 +59,16 @@ def expand_scale(scale: torch.Tensor, row_map: torch.Tensor, cols: int, col_bloc
     return scale.float()[row_map][:, torch.arange(cols) // col_block]
 
 
-def dequantize(weight: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, col_block: int, dtype: torch.dtype):
-    """Exact dequantization: fp32 product, one cast to ``dtype``."""
-    return (weight.float() * expand_scale(scale, layout.row_to_scale_row, weight.shape[1], col_block)).to(dtype)
+def dequantize(
+    weight: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, col_block: int, dtype: torch.dtype, rows: int = 1024
+):
+    """Exact dequantization: fp32 product, one cast to ``dtype``; ``rows`` at a time to bound fp32 temporaries."""
+    out = torch.empty(weight.shape, dtype=dtype)
+    for start in range(0, weight.shape[0], rows):
+        stop = min(start + rows, weight.shape[0])
+        block_scale = expand_scale(scale, layout.row_to_scale_row[start:stop], weight.shape[1], col_block)
+        out[start:stop] = (weight[start:stop].float() * block_scale).to(dtype)
+    return out
 
 
 def block_amax(weight: torch.Tensor, row_map: torch.Tensor, col_block: int, num_scale_rows: int) -> torch.Tensor:

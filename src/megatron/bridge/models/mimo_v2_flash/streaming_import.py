@@ -103,7 +103,9 @@ class MaterializingSaveStrategy(TorchDistSaveShardedStrategy):
             flatten_state_dict=False,
             flatten_sharded_tensors=False,
         )
-        writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, thread_count=1)
+        # One file per item: PyTorch's writer keeps every tensor of a file alive until the file is closed.
+        # No fsync per file: the whole directory only becomes visible by the final rename.
+        writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=False, thread_count=1, sync_files=False)
         dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
 
     def can_handle_sharded_objects(self) -> bool:

@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""Conversion memory and speed on a synthetic FP8 MiMo-V2-Flash checkpoint with the real layer shapes.
+
+    .venv/bin/python benchmarks/conversion.py [--experts 64] [--workdir /tmp/mimo_bench] [--keep]
+
+Builds a >= 2 GB checkpoint (hidden 4096, 64 heads, Q/K 192, V 128, 4/8 KV heads, expert intermediate 2048,
+dense intermediate 16384, FP8 128x128 blocks with the released K|V layout, a few layers, smaller vocabulary),
+then measures in one run, each command in its own process:
+  * `cp -r` of the checkpoint (baseline bytes/s),
+  * `convert_checkpoints.py import` and `export`: peak RSS against the largest shard, throughput against cp.
+Goals (issue): peak RSS <= 2 x largest shard + 1 GiB, throughput >= 0.5 x cp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+CONVERT = REPO / "examples/models/mimo_v2_flash/convert_checkpoints.py"
+GIB = 1024**3
+
+
+def bench_config(experts: int, vocab: int) -> dict:
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import released_config
+
+    cfg = released_config()
+    cfg.update(
+        vocab_size=vocab, num_hidden_layers=3, hybrid_layer_pattern=[0, 1, 1], moe_layer_freq=[0, 1, 1],
+        n_routed_experts=experts,
+        quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                             "weight_block_size": [128, 128]},
+    )
+    return cfg
+
+
+def random_fp8(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """Random finite float8_e4m3fn values (bit patterns 0x7F / 0xFF are NaN and avoided)."""
+    bits = torch.randint(0, 126, (rows, cols), dtype=torch.uint8, generator=gen)
+    bits |= torch.randint(0, 2, (rows, cols), dtype=torch.uint8, generator=gen) << 7
+    return bits.view(torch.float8_e4m3fn)
+
+
+def write_checkpoint(directory: Path, cfg: dict, shard_bytes: int = 512 * 1024**2) -> None:
+    """Write the synthetic checkpoint shard by shard (never more than one shard in memory)."""
+    from megatron.bridge.models.mimo_v2_flash.checkpoint_validation import expected_tensors
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import parse_architecture
+    from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import is_fp8_quantized_in_release
+
+    arch = parse_architecture(cfg)
+    gen = torch.Generator().manual_seed(0)
+    directory.mkdir(parents=True)
+    shard, shard_size, weight_map, index = {}, 0, {}, 0
+
+    def flush():
+        nonlocal shard, shard_size, index
+        if shard:
+            name = f"model-{index:05d}.safetensors"
+            save_file(shard, str(directory / name))
+            weight_map.update({k: name for k in shard})
+            shard, shard_size, index = {}, 0, index + 1
+
+    for name, shape in expected_tensors(arch, mtp_layers=1).items():
+        if len(shape) == 2 and is_fp8_quantized_in_release(name):
+            tensors = {name: random_fp8(*shape, gen)}
+            k_heads = shape[0] // 192 if name.endswith("k_proj.weight") else None
+            if name.endswith(("k_proj.weight", "v_proj.weight")):
+                heads = shape[0] // (192 if k_heads else 128)
+                tensors[name + "_scale_inv"] = torch.rand(2 * heads, shape[1] // 128, generator=gen) * 1e-3
+            else:
+                tensors[name + "_scale_inv"] = torch.rand(-(-shape[0] // 128), -(-shape[1] // 128), generator=gen) * 1e-3
+        elif name.endswith("e_score_correction_bias"):
+            tensors = {name: torch.rand(shape, generator=gen)}
+        else:
+            tensors = {name: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)}
+        for key, tensor in tensors.items():
+            shard[key] = tensor
+            shard_size += tensor.numel() * tensor.element_size()
+        if name.endswith("v_proj.weight"):  # the fused K|V layout shares one scale per head's middle block
+            k_scale = shard[name.replace("v_proj", "k_proj") + "_scale_inv"]
+            shard[name + "_scale_inv"][0::2] = k_scale[1::2]
+        if shard_size >= shard_bytes:
+            flush()
+    flush()
+    total = sum((directory / f).stat().st_size for f in set(weight_map.values()))
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    (directory / "config.json").write_text(json.dumps(cfg))
+
+
+def measured(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS GiB) of a command run in its own process."""
+    start = time.perf_counter()
+    result = subprocess.run(["/usr/bin/time", "-f", "%M", *command], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"benchmark command failed: {' '.join(command)}\n{result.stderr[-3000:]}")
+    return seconds, int(result.stderr.strip().splitlines()[-1]) * 1024 / GIB
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experts", type=int, default=64, help="experts per MoE layer (default 64)")
+    parser.add_argument("--vocab", type=int, default=32768, help="vocabulary size (default 32768)")
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = parser.parse_args()
+    from mimo_v2_flash_overlay import quiet_framework_logs
+
+    quiet_framework_logs()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="mimo_bench_"))
+    try:
+        hf = work / "hf_fp8"
+        if not hf.exists():
+            print("writing the synthetic checkpoint ...", flush=True)
+            write_checkpoint(hf, bench_config(args.experts, args.vocab))
+        shards = sorted(hf.glob("*.safetensors"))
+        total = sum(p.stat().st_size for p in shards)
+        largest = max(p.stat().st_size for p in shards)
+        print(f"checkpoint: {total / GIB:.2f} GiB in {len(shards)} shards, largest {largest / GIB:.2f} GiB", flush=True)
+        cp_s, _ = measured(["cp", "-r", str(hf), str(work / "copy")])
+        shutil.rmtree(work / "copy")
+        py = sys.executable
+        imp_s, imp_rss = measured([py, str(CONVERT), "import", "--hf-model", str(hf), "--megatron-path", str(work / "mcore")])
+        exp_s, exp_rss = measured([py, str(CONVERT), "export", "--hf-model", str(hf), "--megatron-path", str(work / "mcore"),
+                                   "--hf-path", str(work / "export"), "--max-shard-gb", f"{largest / GIB:.3f}"])
+        _, base_rss = measured([py, "-c", "import megatron.bridge.models.mimo_v2_flash.conversion"])
+        goal = (2 * largest + GIB) / GIB
+        print(f"baseline: importing the framework alone peaks at {base_rss:.2f} GiB RSS")
+        print(f"cp -r:   {cp_s:6.1f} s  {total / cp_s / 1024**2:7.1f} MB/s")
+        for name, seconds, rss in (("import", imp_s, imp_rss), ("export", exp_s, exp_rss)):
+            print(f"{name}:  {seconds:6.1f} s  {total / seconds / 1024**2:7.1f} MB/s  throughput {cp_s / seconds:.2f} x cp  "
+                  f"peak RSS {rss:.2f} GiB = {rss / (largest / GIB):.2f} x largest shard (goal <= {goal:.2f} GiB: "
+                  f"{'met' if rss <= goal else 'NOT met'})")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
