@@ -59,15 +59,19 @@ def expand_scale(scale: torch.Tensor, row_map: torch.Tensor, cols: int, col_bloc
     return scale.float()[row_map][:, torch.arange(cols) // col_block]
 
 
-def dequantize(
-    weight: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, col_block: int, dtype: torch.dtype, rows: int = 1024
-):
-    """Exact dequantization: fp32 product, one cast to ``dtype``; ``rows`` at a time to bound fp32 temporaries."""
-    out = torch.empty(weight.shape, dtype=dtype)
-    for start in range(0, weight.shape[0], rows):
-        stop = min(start + rows, weight.shape[0])
-        block_scale = expand_scale(scale, layout.row_to_scale_row[start:stop], weight.shape[1], col_block)
-        out[start:stop] = (weight[start:stop].float() * block_scale).to(dtype)
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, col_block: int, dtype: torch.dtype):
+    """Exact dequantization: fp32 product, one cast to ``dtype``.
+
+    Rows sharing a scale row form runs (one per row block); each run is one broadcast multiply by that scale row
+    expanded over its column blocks, so fp32 temporaries stay one block-row high.
+    """
+    rows, cols = weight.shape
+    out = torch.empty(rows, cols, dtype=dtype)
+    column_scales = scale.float().repeat_interleave(col_block, dim=1)[:, :cols]
+    row_map = layout.row_to_scale_row
+    starts = [0, *(torch.nonzero(row_map[1:] != row_map[:-1]).flatten() + 1).tolist()]
+    for start, stop in zip(starts, [*starts[1:], rows], strict=True):
+        out[start:stop] = (weight[start:stop].float() * column_scales[int(row_map[start])]).to(dtype)
     return out
 
 
