@@ -35,10 +35,17 @@ def bench_config(experts: int, vocab: int) -> dict:
 
     cfg = released_config()
     cfg.update(
-        vocab_size=vocab, num_hidden_layers=3, hybrid_layer_pattern=[0, 1, 1], moe_layer_freq=[0, 1, 1],
+        vocab_size=vocab,
+        num_hidden_layers=3,
+        hybrid_layer_pattern=[0, 1, 1],
+        moe_layer_freq=[0, 1, 1],
         n_routed_experts=experts,
-        quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                             "weight_block_size": [128, 128]},
+        quantization_config={
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [128, 128],
+        },
     )
     return cfg
 
@@ -77,7 +84,9 @@ def write_checkpoint(directory: Path, cfg: dict, shard_bytes: int = 512 * 1024**
                 heads = shape[0] // (192 if k_heads else 128)
                 tensors[name + "_scale_inv"] = torch.rand(2 * heads, shape[1] // 128, generator=gen) * 1e-3
             else:
-                tensors[name + "_scale_inv"] = torch.rand(-(-shape[0] // 128), -(-shape[1] // 128), generator=gen) * 1e-3
+                tensors[name + "_scale_inv"] = (
+                    torch.rand(-(-shape[0] // 128), -(-shape[1] // 128), generator=gen) * 1e-3
+                )
         elif name.endswith("e_score_correction_bias"):
             tensors = {name: torch.rand(shape, generator=gen)}
         else:
@@ -127,21 +136,41 @@ def main() -> int:
         shards = sorted(hf.glob("*.safetensors"))
         total = sum(p.stat().st_size for p in shards)
         largest = max(p.stat().st_size for p in shards)
-        print(f"checkpoint: {total / GIB:.2f} GiB in {len(shards)} shards, largest {largest / GIB:.2f} GiB", flush=True)
+        print(
+            f"checkpoint: {total / GIB:.2f} GiB in {len(shards)} shards, largest {largest / GIB:.2f} GiB", flush=True
+        )
         cp_s, _ = measured(["cp", "-r", str(hf), str(work / "copy")])
         shutil.rmtree(work / "copy")
         py = sys.executable
-        imp_s, imp_rss = measured([py, str(CONVERT), "import", "--hf-model", str(hf), "--megatron-path", str(work / "mcore")])
-        exp_s, exp_rss = measured([py, str(CONVERT), "export", "--hf-model", str(hf), "--megatron-path", str(work / "mcore"),
-                                   "--hf-path", str(work / "export"), "--max-shard-gb", f"{largest / GIB:.3f}"])
+        imp_s, imp_rss = measured(
+            [py, str(CONVERT), "import", "--hf-model", str(hf), "--megatron-path", str(work / "mcore")]
+        )
+        exp_s, exp_rss = measured(
+            [
+                py,
+                str(CONVERT),
+                "export",
+                "--hf-model",
+                str(hf),
+                "--megatron-path",
+                str(work / "mcore"),
+                "--hf-path",
+                str(work / "export"),
+                "--max-shard-gb",
+                f"{largest / GIB:.3f}",
+            ]
+        )
         _, base_rss = measured([py, "-c", "import megatron.bridge.models.mimo_v2_flash.conversion"])
         goal = (2 * largest + GIB) / GIB
         print(f"baseline: importing the framework alone peaks at {base_rss:.2f} GiB RSS")
         print(f"cp -r:   {cp_s:6.1f} s  {total / cp_s / 1024**2:7.1f} MB/s")
         for name, seconds, rss in (("import", imp_s, imp_rss), ("export", exp_s, exp_rss)):
-            print(f"{name}:  {seconds:6.1f} s  {total / seconds / 1024**2:7.1f} MB/s  throughput {cp_s / seconds:.2f} x cp  "
-                  f"peak RSS {rss:.2f} GiB = {rss / (largest / GIB):.2f} x largest shard (goal <= {goal:.2f} GiB: "
-                  f"{'met' if rss <= goal else 'NOT met'})")
+            print(
+                f"{name}:  {seconds:6.1f} s  {total / seconds / 1024**2:7.1f} MB/s  "
+                f"throughput {cp_s / seconds:.2f} x cp  "
+                f"peak RSS {rss:.2f} GiB = {rss / (largest / GIB):.2f} x largest shard (goal <= {goal:.2f} GiB: "
+                f"{'met' if rss <= goal else 'NOT met'})"
+            )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -59,7 +59,9 @@ def swiglu(x, w, prefix) -> torch.Tensor:
     return (F.silu(gate) * up) @ w[prefix + "down_proj.weight"].T
 
 
-def mtp_logits(ids: torch.Tensor, main_hidden: torch.Tensor, w: dict, cfg: dict, num_layers: int) -> list[torch.Tensor]:
+def mtp_logits(
+    ids: torch.Tensor, main_hidden: torch.Tensor, w: dict, cfg: dict, num_layers: int
+) -> list[torch.Tensor]:
     """MTP logits per layer for one sequence. ``main_hidden`` is the main model's final-normed hidden state.
 
     Layer k sees token t+k+1 (ids shifted left, the vacated tail filled with id 0) and the previous stage's

@@ -29,9 +29,7 @@ def hf_model(hf_dir: Path):
     """The oracle: transformers' native MiMoV2FlashForCausalLM, eager attention, fp32."""
     from transformers import MiMoV2FlashForCausalLM
 
-    return MiMoV2FlashForCausalLM.from_pretrained(
-        str(hf_dir), dtype=torch.float32, attn_implementation="eager"
-    ).eval()
+    return MiMoV2FlashForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def hf_logits(hf_dir: Path, ids: torch.Tensor) -> torch.Tensor:

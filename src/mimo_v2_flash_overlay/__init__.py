@@ -28,7 +28,6 @@ import types
 from pathlib import Path
 from typing import Any
 
-
 OVERLAID_PACKAGE = "megatron.bridge.models.mimo_v2_flash"
 TE_IMPORTING_MODULE = "megatron.bridge.peft.lora_layers"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "megatron" / "bridge" / "models" / "mimo_v2_flash"
@@ -135,7 +134,12 @@ def quiet_framework_logs() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|modelopt)(\..*)?")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("megatron.bridge.utils.import_utils", "megatron.core", "megatron.bridge", "torch.utils.cpp_extension"):
+    for name in (
+        "megatron.bridge.utils.import_utils",
+        "megatron.core",
+        "megatron.bridge",
+        "torch.utils.cpp_extension",
+    ):
         logger = logging.getLogger(name)
         logger.setLevel(logging.ERROR)
         # import_utils resets its own level to INFO when imported; a filter survives that.

@@ -55,7 +55,9 @@ def missing_shard(d):
 
 def drop_scale(d):
     _edit_tensors(d, lambda s: {k: v for k, v in s.items() if k != LAYER1_Q + "_scale_inv"})
-    _edit_index(d, lambda i: {**i, "weight_map": {k: v for k, v in i["weight_map"].items() if k != LAYER1_Q + "_scale_inv"}})
+    _edit_index(
+        d, lambda i: {**i, "weight_map": {k: v for k, v in i["weight_map"].items() if k != LAYER1_Q + "_scale_inv"}}
+    )
 
 
 def drop_weight(d):
@@ -95,7 +97,10 @@ def pickle_checkpoint(d):
 
 def unexpected_tensor(d):
     _edit_tensors(d, lambda s: {**s, "model.layers.0.mystery.weight": torch.ones(2)} if LAYER1_Q in s else s)
-    _edit_index(d, lambda i: {**i, "weight_map": {**i["weight_map"], "model.layers.0.mystery.weight": i["weight_map"][LAYER1_Q]}})
+    _edit_index(
+        d,
+        lambda i: {**i, "weight_map": {**i["weight_map"], "model.layers.0.mystery.weight": i["weight_map"][LAYER1_Q]}},
+    )
 
 
 CASES = {
@@ -143,8 +148,17 @@ def test_existing_output_is_refused_without_overwrite(good_fp8, tmp_path, capsys
 
 
 def test_export_of_missing_megatron_checkpoint_is_one_line(good_fp8, tmp_path, capsys, parallel_state):
-    code = convert(["export", "--hf-model", str(good_fp8), "--megatron-path", str(tmp_path / "nope"),
-                    "--hf-path", str(tmp_path / "export")])
+    code = convert(
+        [
+            "export",
+            "--hf-model",
+            str(good_fp8),
+            "--megatron-path",
+            str(tmp_path / "nope"),
+            "--hf-path",
+            str(tmp_path / "export"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "nope" in err[0]
     assert not (tmp_path / "export").exists()

@@ -59,8 +59,22 @@ def fp8_hf(tmp_path_factory) -> Path:
 def _round_trip(hf_dir: Path, tmp_path: Path) -> Path:
     megatron_dir, export_dir = tmp_path / "megatron", tmp_path / "export"
     assert convert(["import", "--hf-model", str(hf_dir), "--megatron-path", str(megatron_dir)]) == 0
-    assert convert(["export", "--hf-model", str(hf_dir), "--megatron-path", str(megatron_dir),
-                    "--hf-path", str(export_dir), "--max-shard-gb", "0.0001"]) == 0
+    assert (
+        convert(
+            [
+                "export",
+                "--hf-model",
+                str(hf_dir),
+                "--megatron-path",
+                str(megatron_dir),
+                "--hf-path",
+                str(export_dir),
+                "--max-shard-gb",
+                "0.0001",
+            ]
+        )
+        == 0
+    )
     return export_dir
 
 
@@ -87,7 +101,11 @@ def test_fp8_round_trip_equals_bf16_of_dequantized(fp8_hf, tmp_path, parallel_st
         assert torch.equal(exported[name], reader.get(name, dtype)), name
     config = json.loads((export_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
-    assert config["layer_types"] and config["hybrid_layer_pattern"] and config["sliding_window"] == config["sliding_window_size"] + 1
+    assert (
+        config["layer_types"]
+        and config["hybrid_layer_pattern"]
+        and config["sliding_window"] == config["sliding_window_size"] + 1
+    )
     assert (export_dir / "tokenizer.json").is_file()
 
 
@@ -95,15 +113,48 @@ def test_transformers_loads_export_and_agrees_with_megatron(fp8_hf, tmp_path):
     """The demo's last steps as a user runs them (separate processes)."""
     megatron_dir, export_dir = tmp_path / "megatron", tmp_path / "export"
     run = lambda *args: subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600)  # noqa: E731
-    assert run(EXAMPLES / "convert_checkpoints.py", "import", "--hf-model", fp8_hf, "--megatron-path", megatron_dir).returncode == 0
+    assert (
+        run(
+            EXAMPLES / "convert_checkpoints.py", "import", "--hf-model", fp8_hf, "--megatron-path", megatron_dir
+        ).returncode
+        == 0
+    )
     logits_file = tmp_path / "logits.safetensors"
-    gen = run(EXAMPLES / "generate.py", "--megatron-path", megatron_dir, "--prompt-ids", "5,6,7,8,9",
-              "--max-new-tokens", "3", "--dump-logits", logits_file)
+    gen = run(
+        EXAMPLES / "generate.py",
+        "--megatron-path",
+        megatron_dir,
+        "--prompt-ids",
+        "5,6,7,8,9",
+        "--max-new-tokens",
+        "3",
+        "--dump-logits",
+        logits_file,
+    )
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert "generated ids:" in gen.stdout
     assert load_file(str(logits_file))["logits"].shape == (5, 384)
-    assert run(EXAMPLES / "convert_checkpoints.py", "export", "--hf-model", fp8_hf, "--megatron-path", megatron_dir,
-               "--hf-path", export_dir).returncode == 0
+    assert (
+        run(
+            EXAMPLES / "convert_checkpoints.py",
+            "export",
+            "--hf-model",
+            fp8_hf,
+            "--megatron-path",
+            megatron_dir,
+            "--hf-path",
+            export_dir,
+        ).returncode
+        == 0
+    )
     check = run(EXAMPLES / "compare_logits.py", "--hf-model", export_dir, "--megatron-path", megatron_dir)
     assert check.returncode == 0, check.stdout + check.stderr[-2000:]
     assert "OK:" in check.stdout
+
+
+def test_inspect_fp8_reports_layout_and_evidence(fp8_hf, capsys):
+    assert convert(["inspect-fp8", "--hf-model", str(fp8_hf)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    v_line = next(line for line in lines if line.startswith("self_attn.v_proj:"))
+    assert "fused_kv" in v_line and "shared-block scales equal for 2/2 heads" in "\n".join(lines)
+    assert any(line.startswith("experts.gate_proj:") and "'grid'" in line for line in lines)

@@ -21,14 +21,22 @@ TOLERANCE = 1e-5
 
 
 def _run(nproc: int, script: str, *args) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc > 1 else [sys.executable]
-    result = subprocess.run([*launcher, str(EXAMPLES / script), *map(str, args)], capture_output=True, text=True, timeout=900)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+        if nproc > 1
+        else [sys.executable]
+    )
+    result = subprocess.run(
+        [*launcher, str(EXAMPLES / script), *map(str, args)], capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
 
 def _logits(nproc: int, out: Path, *source_and_layout) -> torch.Tensor:
-    _run(nproc, "generate.py", *source_and_layout, "--prompt-ids", PROMPT, "--max-new-tokens", "2", "--dump-logits", out)
+    _run(
+        nproc, "generate.py", *source_and_layout, "--prompt-ids", PROMPT, "--max-new-tokens", "2", "--dump-logits", out
+    )
     return load_file(str(out))["logits"]
 
 
@@ -64,17 +72,43 @@ def test_tiny_model_exercises_tp_beyond_kv_heads(hf_dir):
 
 def test_checkpoints_reshard_both_ways_and_export_identically(hf_dir, baseline, tmp_path):
     sharded, single = tmp_path / "sharded", tmp_path / "single"
-    _run(2, "convert_checkpoints.py", "import", "--hf-model", hf_dir, "--megatron-path", sharded,
-         "--tp", "2", "--ep", "2", "--etp", "1", "--dtype", "float32")
+    _run(
+        2,
+        "convert_checkpoints.py",
+        "import",
+        "--hf-model",
+        hf_dir,
+        "--megatron-path",
+        sharded,
+        "--tp",
+        "2",
+        "--ep",
+        "2",
+        "--etp",
+        "1",
+        "--dtype",
+        "float32",
+    )
     _run(1, "convert_checkpoints.py", "import", "--hf-model", hf_dir, "--megatron-path", single, "--dtype", "float32")
     from_sharded = _logits(1, tmp_path / "a.safetensors", "--megatron-path", sharded)
-    to_sharded = _logits(2, tmp_path / "b.safetensors", "--megatron-path", single, "--tp", "2", "--ep", "2", "--etp", "1")
+    to_sharded = _logits(
+        2, tmp_path / "b.safetensors", "--megatron-path", single, "--tp", "2", "--ep", "2", "--etp", "1"
+    )
     assert (from_sharded - baseline).abs().max().item() <= TOLERANCE
     assert (to_sharded - baseline).abs().max().item() <= TOLERANCE
     exports = []
     for name, source in (("exp_sharded", sharded), ("exp_single", single)):
-        _run(1, "convert_checkpoints.py", "export", "--hf-model", hf_dir, "--megatron-path", source,
-             "--hf-path", tmp_path / name)
+        _run(
+            1,
+            "convert_checkpoints.py",
+            "export",
+            "--hf-model",
+            hf_dir,
+            "--megatron-path",
+            source,
+            "--hf-path",
+            tmp_path / name,
+        )
         state = {}
         for shard in (tmp_path / name).glob("*.safetensors"):
             state.update(load_file(str(shard)))

@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         str(args.hf_model), dtype=torch.float32, attn_implementation="eager", output_loading_info=True
     )
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    weight_warnings = [r for r in records if "missing" in r.lower() or "unexpected" in r.lower() or "not used" in r.lower()]
+    weight_warnings = [
+        r for r in records if "missing" in r.lower() or "unexpected" in r.lower() or "not used" in r.lower()
+    ]
     if problems or weight_warnings:
         print(f"FAIL: transformers reported weight problems: {problems or weight_warnings}")
         return 1
@@ -52,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     megatron_logits = forward_logits(load_megatron_checkpoint(args.megatron_path, torch.float32), ids)
     diff = (hf_logits - megatron_logits).abs().max().item()
     verdict = "OK" if diff <= args.tolerance else "FAIL"
-    print(f"{verdict}: transformers loaded {args.hf_model} with no missing/unexpected weights; "
-          f"max |logits(transformers) - logits(Megatron)| = {diff:.3e} over {len(ids)} tokens (tolerance {args.tolerance})")
+    print(
+        f"{verdict}: transformers loaded {args.hf_model} with no missing/unexpected weights; "
+        f"max |logits(transformers) - logits(Megatron)| = {diff:.3e} over {len(ids)} tokens "
+        f"(tolerance {args.tolerance})"
+    )
     return 0 if verdict == "OK" else 1
 
 

@@ -26,8 +26,11 @@ from mimo_v2_flash_overlay import quiet_framework_logs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     imp = commands.add_parser("import", help="HF -> Megatron distributed checkpoint")
@@ -37,16 +40,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     imp.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
     imp.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
     imp.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
-    imp.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="stored dtype (default bfloat16)")
+    imp.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="stored dtype (default bfloat16)"
+    )
     imp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     exp = commands.add_parser("export", help="Megatron -> HF shards (hub layout)")
-    exp.add_argument("--hf-model", type=Path, required=True,
-                     help="the original HF checkpoint (config, tokenizer and remote code are carried over)")
-    exp.add_argument("--megatron-path", type=Path, required=True,
-                     help="Megatron checkpoint, or a fine-tuning output directory (its latest iteration is used)")
+    exp.add_argument(
+        "--hf-model",
+        type=Path,
+        required=True,
+        help="the original HF checkpoint (config, tokenizer and remote code are carried over)",
+    )
+    exp.add_argument(
+        "--megatron-path",
+        type=Path,
+        required=True,
+        help="Megatron checkpoint, or a fine-tuning output directory (its latest iteration is used)",
+    )
     exp.add_argument("--hf-path", type=Path, required=True, help="output HF directory")
-    exp.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weight dtype (default bfloat16)")
+    exp.add_argument(
+        "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weight dtype (default bfloat16)"
+    )
     exp.add_argument("--max-shard-gb", type=float, default=5.0, help="maximum shard size in GB (default 5)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
@@ -60,18 +75,17 @@ def main(argv: list[str] | None = None) -> int:
     quiet_framework_logs()
     import torch
 
+    from megatron.bridge.models.mimo_v2_flash.checkpoint_validation import validate_checkpoint
     from megatron.bridge.models.mimo_v2_flash.conversion import (
-        GB,
         export_checkpoint,
         import_checkpoint,
         inspect_fp8,
         is_rank0,
         return_freed_memory_to_the_system,
     )
-    from megatron.bridge.models.mimo_v2_flash.checkpoint_validation import validate_checkpoint
     from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
-    from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
+    from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
 
     return_freed_memory_to_the_system()
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[getattr(args, "dtype", "bfloat16")]
@@ -90,16 +104,25 @@ def main(argv: list[str] | None = None) -> int:
             action, target = "imported", args.megatron_path
         else:
             initialize_parallel_state()
-            summary = export_checkpoint(args.hf_model, args.megatron_path, args.hf_path, dtype,
-                                        overwrite=args.overwrite, max_shard_gb=args.max_shard_gb)
+            summary = export_checkpoint(
+                args.hf_model,
+                args.megatron_path,
+                args.hf_path,
+                dtype,
+                overwrite=args.overwrite,
+                max_shard_gb=args.max_shard_gb,
+            )
             action, target = "exported", args.hf_path
     except (CheckpointError, MiMoV2FlashConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if is_rank0() and summary:
         seconds = max(summary["seconds"], 1e-9)
-        print(f"{action} {summary['tensors']} tensors ({summary['bytes'] / GB:.3f} GB) in {seconds:.1f} s "
-              f"({summary['tensors'] / seconds:.0f} tensors/s, {summary['bytes'] / seconds / 1024**2:.1f} MB/s) -> {target}")
+        print(
+            f"{action} {summary['tensors']} tensors ({summary['bytes'] / 1024**2:.1f} MiB) in {seconds:.1f} s "
+            f"({summary['tensors'] / seconds:.0f} tensors/s, {summary['bytes'] / seconds / 1024**2:.1f} MB/s) "
+            f"-> {target}"
+        )
     return 0
 
 

@@ -42,30 +42,61 @@ def main() -> int:
     python = sys.executable
     hf_dir, megatron_dir, export_dir = work / "tiny_fp8_hf", work / "tiny_megatron", work / "tiny_export_hf"
 
-    step("1. tiny FP8 HF checkpoint", [python, str(HERE / "make_tiny_checkpoint.py"), "--output", str(hf_dir), "--fp8"])
+    step(
+        "1. tiny FP8 HF checkpoint", [python, str(HERE / "make_tiny_checkpoint.py"), "--output", str(hf_dir), "--fp8"]
+    )
     step(
         "2. import HF -> Megatron",
-        [python, str(HERE / "convert_checkpoints.py"), "import", "--hf-model", str(hf_dir), "--megatron-path", str(megatron_dir)],
+        [
+            python,
+            str(HERE / "convert_checkpoints.py"),
+            "import",
+            "--hf-model",
+            str(hf_dir),
+            "--megatron-path",
+            str(megatron_dir),
+        ],
     )
     step(
         "3. generate from the Megatron checkpoint",
         [
-            python, str(HERE / "generate.py"), "--megatron-path", str(megatron_dir), "--prompt", "The quick brown fox",
-            "--max-new-tokens", "8", "--dump-logits", str(work / "megatron_logits.safetensors"),
+            python,
+            str(HERE / "generate.py"),
+            "--megatron-path",
+            str(megatron_dir),
+            "--prompt",
+            "The quick brown fox",
+            "--max-new-tokens",
+            "8",
+            "--dump-logits",
+            str(work / "megatron_logits.safetensors"),
         ],
     )
     step(
         "4. export Megatron -> HF BF16",
         [
-            python, str(HERE / "convert_checkpoints.py"), "export", "--hf-model", str(hf_dir),
-            "--megatron-path", str(megatron_dir), "--hf-path", str(export_dir),
+            python,
+            str(HERE / "convert_checkpoints.py"),
+            "export",
+            "--hf-model",
+            str(hf_dir),
+            "--megatron-path",
+            str(megatron_dir),
+            "--hf-path",
+            str(export_dir),
         ],
     )
     step(
         "5. transformers loads the export; logits agree with Megatron",
         [
-            python, str(HERE / "compare_logits.py"), "--hf-model", str(export_dir), "--prompt", "The quick brown fox",
-            "--megatron-path", str(megatron_dir),
+            python,
+            str(HERE / "compare_logits.py"),
+            "--hf-model",
+            str(export_dir),
+            "--prompt",
+            "The quick brown fox",
+            "--megatron-path",
+            str(megatron_dir),
         ],
     )
     print(f"\ndemo finished: outputs in {work}")

@@ -20,10 +20,14 @@ from mimo_v2_flash_overlay import quiet_framework_logs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf-model", type=Path, help="Hugging Face checkpoint directory (loaded through the bridge)")
-    source.add_argument("--megatron-path", type=Path, help="Megatron checkpoint written by convert_checkpoints.py import")
+    source.add_argument(
+        "--megatron-path", type=Path, help="Megatron checkpoint written by convert_checkpoints.py import"
+    )
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     prompt.add_argument("--prompt", help="prompt text (tokenized with the checkpoint directory's tokenizer)")
@@ -35,8 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write the prompt's forward-pass logits to this safetensors file (tensor 'logits', float32 [len, vocab])",
     )
     for flag, meaning in (("tp", "tensor"), ("pp", "pipeline"), ("ep", "expert"), ("etp", "expert tensor")):
-        parser.add_argument(f"--{flag}", type=int, default=None if flag == "etp" else 1,
-                            help=f"{meaning}-parallel size (run under torchrun with that many processes)")
+        parser.add_argument(
+            f"--{flag}",
+            type=int,
+            default=None if flag == "etp" else 1,
+            help=f"{meaning}-parallel size (run under torchrun with that many processes)",
+        )
     args = parser.parse_args(argv)
     if args.max_new_tokens < 0:
         parser.error("--max-new-tokens must be >= 0")

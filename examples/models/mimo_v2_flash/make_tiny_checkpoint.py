@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, required=True, help="directory to create (must not exist)")
     parser.add_argument("--fp8", action="store_true", help="block-FP8 checkpoint like the release")
-    parser.add_argument("--block-size", type=int, nargs=2, default=(16, 16), metavar=("ROWS", "COLS"), help="FP8 block")
+    parser.add_argument(
+        "--block-size", type=int, nargs=2, default=(16, 16), metavar=("ROWS", "COLS"), help="FP8 block"
+    )
     parser.add_argument("--mtp-layers", type=int, default=1, help="number of MTP layers (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args(argv)

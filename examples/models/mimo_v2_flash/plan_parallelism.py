@@ -46,14 +46,19 @@ def _evaluate(arch, mtp, tp, pp, ep, etp, gpus, args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--hf-model", type=Path, help="checkpoint whose config (and MTP count) to use")
     for flag, default in (("tp", 8), ("pp", 1), ("ep", 8), ("etp", 1)):
         parser.add_argument(f"--{flag}", type=int, default=default, help=f"{flag.upper()} size (default {default})")
     parser.add_argument("--gpus", type=int, default=8, help="number of GPUs (default 8)")
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
-    parser.add_argument("--activation-headroom-gb", type=float, default=12.0, help="GiB kept for activations (default 12)")
+    parser.add_argument(
+        "--activation-headroom-gb", type=float, default=12.0, help="GiB kept for activations (default 12)"
+    )
     parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16)")
     parser.add_argument("--distributed-optimizer", action="store_true", help="shard optimizer state over DP")
     parser.add_argument("--recommend", type=int, nargs="+", metavar="GPUS", help="search layouts for these GPU counts")
@@ -74,14 +79,24 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, MiMoV2FlashConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    dp, mem, full, lora, full_fits, lora_fits = _evaluate(arch, mtp, args.tp, args.pp, args.ep, args.etp, args.gpus, args)
+    dp, mem, full, lora, full_fits, lora_fits = _evaluate(
+        arch, mtp, args.tp, args.pp, args.ep, args.etp, args.gpus, args
+    )
     print(f"layout: TP {args.tp} x PP {args.pp} (DP {dp}), experts EP {args.ep} x ETP {args.etp}, {args.gpus} GPUs")
-    print(f"per rank: {mem.dense_params / 1e9:.2f}B non-expert + {mem.expert_params / 1e9:.2f}B expert parameters; "
-          f"LoRA r={args.lora_rank}: {mem.lora_params / 1e6:.1f}M trainable")
+    print(
+        f"per rank: {mem.dense_params / 1e9:.2f}B non-expert + {mem.expert_params / 1e9:.2f}B expert parameters; "
+        f"LoRA r={args.lora_rank}: {mem.lora_params / 1e6:.1f}M trainable"
+    )
     budget = args.gpu_memory_gb - args.activation_headroom_gb
     opt = "distributed optimizer" if args.distributed_optimizer else "optimizer state not sharded"
-    print(f"full fine-tuning ({opt}): {full:.1f} GiB/rank -> {'fits' if full_fits else 'does NOT fit'} in {budget:.0f} GiB")
-    print(f"LoRA (frozen bf16 base):    {lora:.1f} GiB/rank -> {'fits' if lora_fits else 'does NOT fit'} in {budget:.0f} GiB")
+    print(
+        f"full fine-tuning ({opt}): {full:.1f} GiB/rank -> "
+        f"{'fits' if full_fits else 'does NOT fit'} in {budget:.0f} GiB"
+    )
+    print(
+        f"LoRA (frozen bf16 base):    {lora:.1f} GiB/rank -> "
+        f"{'fits' if lora_fits else 'does NOT fit'} in {budget:.0f} GiB"
+    )
     return 0
 
 
@@ -107,8 +122,10 @@ def _recommend(arch, mtp, args, check) -> int:
         for mode in ("full", "lora"):
             (value, _), (tp, pp, ep, etp, dp) = best[mode]
             fits = value <= args.gpu_memory_gb - args.activation_headroom_gb
-            print(f"{gpus:3d} GPUs, {mode:4s}: TP {tp} PP {pp} EP {ep} ETP {etp} (DP {dp}) -> {value:6.1f} GiB/rank "
-                  f"({'fits' if fits else 'does not fit'} {args.gpu_memory_gb:.0f} GiB)")
+            print(
+                f"{gpus:3d} GPUs, {mode:4s}: TP {tp} PP {pp} EP {ep} ETP {etp} (DP {dp}) -> {value:6.1f} GiB/rank "
+                f"({'fits' if fits else 'does not fit'} {args.gpu_memory_gb:.0f} GiB)"
+            )
     return 0
 
 

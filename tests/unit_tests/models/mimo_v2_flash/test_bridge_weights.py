@@ -26,7 +26,12 @@ def test_auto_bridge_dispatches_to_this_repository(tiny_hf_dir):
     provider = bridge.to_megatron_provider(load_weights=False)
     assert isinstance(provider, MiMoV2FlashModelProvider)
     assert provider.mtp_num_layers == 1
-    assert provider.attention_layer_types == ("full_attention", "sliding_attention", "sliding_attention", "full_attention")
+    assert provider.attention_layer_types == (
+        "full_attention",
+        "sliding_attention",
+        "sliding_attention",
+        "full_attention",
+    )
     assert (provider.kv_channels, provider.v_head_dim) == (24, 16)
     assert (provider.num_query_groups, provider.swa_num_query_groups) == (1, 2)
     assert (provider.rotary_base, provider.swa_rotary_base) == (5e6, 1e4)

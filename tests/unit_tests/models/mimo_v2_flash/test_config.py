@@ -18,8 +18,16 @@ HUB_ONLY = tiny_config(
 
 def _native_only(cfg):
     native = with_native_fields(cfg)
-    for hub_field in ("hybrid_layer_pattern", "moe_layer_freq", "sliding_window_size", "rope_theta", "swa_rope_theta",
-                      "partial_rotary_factor", "layernorm_epsilon", "swa_num_key_value_heads"):
+    for hub_field in (
+        "hybrid_layer_pattern",
+        "moe_layer_freq",
+        "sliding_window_size",
+        "rope_theta",
+        "swa_rope_theta",
+        "partial_rotary_factor",
+        "layernorm_epsilon",
+        "swa_num_key_value_heads",
+    ):
         native.pop(hub_field)
     return native
 

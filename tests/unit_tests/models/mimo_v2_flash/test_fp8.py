@@ -56,8 +56,13 @@ def write_checkpoint(directory: Path, tensors: dict, config: dict) -> Path:
 
 
 def config_for(head_dim, v_head_dim, block):
-    return {"hidden_size": 256, "num_attention_heads": 2, "head_dim": head_dim, "v_head_dim": v_head_dim,
-            "quantization_config": {"quant_method": "fp8", "weight_block_size": list(block)}}
+    return {
+        "hidden_size": 256,
+        "num_attention_heads": 2,
+        "head_dim": head_dim,
+        "v_head_dim": v_head_dim,
+        "quantization_config": {"quant_method": "fp8", "weight_block_size": list(block)},
+    }
 
 
 @pytest.mark.parametrize(
@@ -67,8 +72,18 @@ def config_for(head_dim, v_head_dim, block):
 def test_grid_layout_is_exact_including_partial_blocks(shape, block, tmp_path):
     weight = torch.randn(shape) * 0.05
     q, s = quantize_blockwise(weight, block)
-    ckpt = FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path, {"model.layers.0.mlp.experts.0.up_proj.weight": q,
-                         "model.layers.0.mlp.experts.0.up_proj.weight_scale_inv": s}, config_for(192, 128, block))))
+    ckpt = FP8Checkpoint(
+        HFCheckpoint(
+            write_checkpoint(
+                tmp_path,
+                {
+                    "model.layers.0.mlp.experts.0.up_proj.weight": q,
+                    "model.layers.0.mlp.experts.0.up_proj.weight_scale_inv": s,
+                },
+                config_for(192, 128, block),
+            )
+        )
+    )
     name = "model.layers.0.mlp.experts.0.up_proj.weight"
     assert ckpt.layout(name).kind == "grid"
     expected = reference_grid(q, s, *block)
@@ -88,7 +103,12 @@ def test_fused_kv_layout_is_exact(kv_heads, dk, dv, block, tmp_path):
     if (dk, dv, block) == (192, 128, (128, 128)):
         assert tuple(sk.shape) == (2 * kv_heads, 32) and tuple(sv.shape) == (2 * kv_heads, 32)
     p = "model.layers.3.self_attn."
-    tensors = {p + "k_proj.weight": qk, p + "k_proj.weight_scale_inv": sk, p + "v_proj.weight": qv, p + "v_proj.weight_scale_inv": sv}
+    tensors = {
+        p + "k_proj.weight": qk,
+        p + "k_proj.weight_scale_inv": sk,
+        p + "v_proj.weight": qv,
+        p + "v_proj.weight_scale_inv": sv,
+    }
     ckpt = FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path, tensors, config_for(dk, dv, block))))
     want_k, want_v = reference_fused(qk, sk, qv, sv, kv_heads, dk, dv, *block)
     assert torch.equal(ckpt.get(p + "k_proj.weight"), want_k)
@@ -118,7 +138,12 @@ def test_upstream_dequant_is_wrong_on_the_released_k_layout_and_ours_is_right(tm
     upstream_k = upstream(qk, sk).float()  # 768 rows // 8 scale rows -> 96-row blocks
     assert (upstream_k - want_k.to(torch.bfloat16).float()).abs().max() > 1e-2
     p = "model.layers.0.self_attn."
-    tensors = {p + "k_proj.weight": qk, p + "k_proj.weight_scale_inv": sk, p + "v_proj.weight": qv, p + "v_proj.weight_scale_inv": sv}
+    tensors = {
+        p + "k_proj.weight": qk,
+        p + "k_proj.weight_scale_inv": sk,
+        p + "v_proj.weight": qv,
+        p + "v_proj.weight_scale_inv": sv,
+    }
     ours = FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path, tensors, config_for(dk, dv, block))))
     assert torch.equal(ours.get(p + "k_proj.weight", torch.bfloat16), want_k.to(torch.bfloat16))
 
@@ -152,7 +177,12 @@ def test_ambiguous_shapes_are_resolved_by_amax_evidence(tmp_path):
     k, v = torch.randn(heads * dk, 32), torch.randn(heads * dv, 32)
     qk, sk, qv, sv = quantize_fused_kv(k, v, heads, (bm, 16))
     p = "model.layers.0.self_attn."
-    tensors = {p + "k_proj.weight": qk, p + "k_proj.weight_scale_inv": sk, p + "v_proj.weight": qv, p + "v_proj.weight_scale_inv": sv}
+    tensors = {
+        p + "k_proj.weight": qk,
+        p + "k_proj.weight_scale_inv": sk,
+        p + "v_proj.weight": qv,
+        p + "v_proj.weight_scale_inv": sv,
+    }
     ckpt = FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path, tensors, config_for(dk, dv, (bm, 16)))))
     layout = ckpt.layout(p + "k_proj.weight")
     assert layout.kind == "fused_kv", layout.evidence
@@ -163,8 +193,13 @@ def test_ambiguous_shapes_are_resolved_by_amax_evidence(tmp_path):
 def test_unexplained_layout_is_an_error_naming_tensor_and_shapes(tmp_path):
     q, _ = quantize_blockwise(torch.randn(256, 256), (128, 128))
     name = "model.layers.0.mlp.down_proj.weight"
-    ckpt = FP8Checkpoint(HFCheckpoint(write_checkpoint(
-        tmp_path, {name: q, name + "_scale_inv": torch.ones(3, 2)}, config_for(192, 128, (128, 128)))))
+    ckpt = FP8Checkpoint(
+        HFCheckpoint(
+            write_checkpoint(
+                tmp_path, {name: q, name + "_scale_inv": torch.ones(3, 2)}, config_for(192, 128, (128, 128))
+            )
+        )
+    )
     with pytest.raises(CheckpointError, match=r"down_proj\.weight.*\(256, 256\).*\(3, 2\)"):
         ckpt.get(name)
 
@@ -175,7 +210,12 @@ def test_fused_shape_with_contradicting_scales_is_refused(tmp_path):
     sv = sv.clone()
     sv[0] *= 2  # head 0's shared block no longer has one scale
     p = "model.layers.0.self_attn."
-    tensors = {p + "k_proj.weight": qk, p + "k_proj.weight_scale_inv": sk, p + "v_proj.weight": qv, p + "v_proj.weight_scale_inv": sv}
+    tensors = {
+        p + "k_proj.weight": qk,
+        p + "k_proj.weight_scale_inv": sk,
+        p + "v_proj.weight": qv,
+        p + "v_proj.weight_scale_inv": sv,
+    }
     ckpt = FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path, tensors, config_for(dk, dv, block))))
     with pytest.raises(CheckpointError, match="share the K|V scale"):
         ckpt.get(p + "v_proj.weight")

@@ -15,15 +15,31 @@ CONFIGS = {
     "kv1_default": tiny_config(),
     # 2/4 KV heads, V dim < Q/K dim, half-rotary, SWA first, dense layer in the middle, 6 experts top-3.
     "kv2_mixed": tiny_config(
-        hidden_size=48, num_key_value_heads=2, swa_num_key_value_heads=4, head_dim=32, v_head_dim=8,
-        partial_rotary_factor=0.5, hybrid_layer_pattern=[1, 0, 1, 1, 0], moe_layer_freq=[0, 1, 0, 1, 1],
-        num_hidden_layers=5, n_routed_experts=6, num_experts_per_tok=3, sliding_window_size=5,
+        hidden_size=48,
+        num_key_value_heads=2,
+        swa_num_key_value_heads=4,
+        head_dim=32,
+        v_head_dim=8,
+        partial_rotary_factor=0.5,
+        hybrid_layer_pattern=[1, 0, 1, 1, 0],
+        moe_layer_freq=[0, 1, 0, 1, 1],
+        num_hidden_layers=5,
+        n_routed_experts=6,
+        num_experts_per_tok=3,
+        sliding_window_size=5,
     ),
     # V dim > Q/K dim, quarter rotary, only SWA layers, 8 experts top-4, routed scaling factor.
     "v_wider_all_swa": tiny_config(
-        head_dim=16, v_head_dim=32, partial_rotary_factor=0.25, hybrid_layer_pattern=[1, 1, 1],
-        moe_layer_freq=[0, 1, 1], num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=4,
-        routed_scaling_factor=2.5, sliding_window_size=3,
+        head_dim=16,
+        v_head_dim=32,
+        partial_rotary_factor=0.25,
+        hybrid_layer_pattern=[1, 1, 1],
+        moe_layer_freq=[0, 1, 1],
+        num_hidden_layers=3,
+        n_routed_experts=8,
+        num_experts_per_tok=4,
+        routed_scaling_factor=2.5,
+        sliding_window_size=3,
     ),
 }
 

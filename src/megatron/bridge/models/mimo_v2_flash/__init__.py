@@ -4,5 +4,4 @@ from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_bridge import MiMoV2Flas
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import MiMoV2FlashModelProvider
 
-
 __all__ = ["MiMoV2FlashBridge", "MiMoV2FlashConfigError", "MiMoV2FlashModelProvider"]

@@ -47,7 +47,11 @@ def _dense_mlp(prefix: str, hidden: int, ffn: int) -> dict[str, tuple[int, ...]]
 def expected_tensors(arch: MiMoV2FlashArchitecture, mtp_layers: int) -> dict[str, tuple[int, ...]]:
     """Every hub tensor name of the architecture and its shape (weights only, no FP8 scales)."""
     h = arch.hidden_size
-    shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "lm_head.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
+    shapes = {
+        "model.embed_tokens.weight": (arch.vocab_size, h),
+        "lm_head.weight": (arch.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
     for i, (kind, moe) in enumerate(zip(arch.layer_types, arch.moe_layers, strict=True)):
         p = f"model.layers.{i}."
         shapes.update(_attention(p, arch, kind == SLIDING_ATTENTION))
@@ -88,7 +92,8 @@ def validate_checkpoint(checkpoint: HFCheckpoint) -> tuple[MiMoV2FlashArchitectu
             raise CheckpointError(f"{checkpoint.directory}: tensor {name} is missing (required by config.json)")
         if checkpoint.shape(name) != shape:
             raise CheckpointError(
-                f"{checkpoint.file_of(name)}: tensor {name} has shape {checkpoint.shape(name)}, config.json implies {shape}"
+                f"{checkpoint.file_of(name)}: tensor {name} has shape {checkpoint.shape(name)}, "
+                f"config.json implies {shape}"
             )
         if checkpoint.dtype(name) not in FLOAT_DTYPES:
             raise CheckpointError(f"{checkpoint.file_of(name)}: tensor {name} has dtype {checkpoint.dtype(name)}")

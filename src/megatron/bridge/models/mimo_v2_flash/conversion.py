@@ -62,7 +62,9 @@ def import_checkpoint(
     else:
         # Sharded: every rank builds and loads its own shard of the model, then all ranks save together.
         bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
-        provider = configure_provider(bridge.to_megatron_provider(load_weights=True), dtype, parallel_output=True, **layout)
+        provider = configure_provider(
+            bridge.to_megatron_provider(load_weights=True), dtype, parallel_output=True, **layout
+        )
         save_megatron_checkpoint(build_model(provider), megatron_path, tokenizer_dir=hf_dir)
     source_bytes = sum(checkpoint.nbytes(n) for n in checkpoint.keys())
     return {
@@ -75,7 +77,12 @@ def import_checkpoint(
 
 
 def export_checkpoint(
-    hf_dir: Path, megatron_path: Path, hf_out: Path, dtype: torch.dtype, overwrite: bool = False, max_shard_gb: float = 5.0
+    hf_dir: Path,
+    megatron_path: Path,
+    hf_out: Path,
+    dtype: torch.dtype,
+    overwrite: bool = False,
+    max_shard_gb: float = 5.0,
 ) -> dict:
     """Megatron checkpoint (or a fine-tuning output dir) -> HF shards in hub layout, config and tokenizer.
 

@@ -30,15 +30,15 @@ def _cpu_current_device() -> torch.device:
 def apply_cpu_adaptations() -> bool:
     """Apply the adaptations if CUDA is absent; returns whether they were applied (idempotent).
 
-    ``torch.cuda.current_device`` -> the default device (the CPU; "meta" while a model is built on meta). Without CUDA it raises ``RuntimeError: Found no NVIDIA
-    driver``; Megatron-Core calls it unconditionally for tensor placement in:
+    ``torch.cuda.current_device`` -> the default device (the CPU; "meta" while a model is built on meta).
+    Without CUDA it raises ``RuntimeError: Found no NVIDIA driver``; Megatron-Core calls it unconditionally
+    for tensor placement in:
     ``transformer/moe/router.py`` (``TopKRouter.__init__`` expert-bias buffers, ``Router.gating`` moving the
     weight), ``transformer/multi_token_prediction.py`` (``roll_tensor`` receive buffers, MTP loss tracker),
     ``models/gpt/gpt_model.py`` (static-inference ``sequence_len_offset``) and
     ``models/common/embeddings/rotary_pos_embedding.py`` (``inv_freq`` placement without
     ``use_cpu_initialization``). In those places the returned value is only used as a ``device=`` argument, so
-    the CPU device is the faithful answer; with CUDA present the function is left untouched.
-
+    the default device is the faithful answer; with CUDA present the function is left untouched.
 
     ``torch.cuda.get_rng_state`` / ``set_rng_state`` -> an empty state / a no-op for that empty state.
     ``megatron/bridge/training/checkpointing.py`` (``get_rng_state``, called by every ``save_checkpoint``,

@@ -22,9 +22,18 @@ SINGLE_NAME = "model.safetensors"
 MAX_OPEN_SHARDS = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
-    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
@@ -70,7 +79,9 @@ class HFCheckpoint:
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: not a directory")
         self.weight_map = self._weight_map()
-        self.headers = {shard: read_safetensors_header(self.directory / shard) for shard in sorted(set(self.weight_map.values()))}
+        self.headers = {
+            shard: read_safetensors_header(self.directory / shard) for shard in sorted(set(self.weight_map.values()))
+        }
         for name, shard in self.weight_map.items():
             if name not in self.headers[shard]:
                 raise CheckpointError(f"{self.directory / shard}: tensor {name} listed in the index is missing")

@@ -43,7 +43,9 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_megatron_checkpoint(model: torch.nn.Module, path: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+def save_megatron_checkpoint(
+    model: torch.nn.Module, path: str | Path, tokenizer_dir: str | Path | None = None
+) -> Path:
     """Save atomically (replacing ``path`` if it exists): all ranks write a hidden sibling, rank 0 renames it."""
     from megatron.bridge.training.model_load_save import save_megatron_model
 
@@ -74,7 +76,10 @@ def load_megatron_checkpoint(
         "expert_tensor_parallel_size": etp if etp is not None else tp,
     }
     models = load_megatron_model(
-        str(directory), use_cpu_init=cuda_absent(), skip_temp_dist_context=dist.is_initialized(), mp_overrides=overrides
+        str(directory),
+        use_cpu_init=cuda_absent(),
+        skip_temp_dist_context=dist.is_initialized(),
+        mp_overrides=overrides,
     )
     model = models[0] if isinstance(models, list) else models
     if dtype is not None:
@@ -103,21 +108,27 @@ def iter_hf_weights(path: str | Path, mapping_registry):
     freshly allocated CPU tensors, mapped to HF names with the bridge's mappings, yielded and freed. Memory holds
     one layer, whatever layout the checkpoint was saved at.
     """
+    from megatron.bridge.training.model_load_save import load_model_config
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
-    from megatron.bridge.training.model_load_save import load_model_config
-
     directory = latest_iteration_dir(path)
     provider, _ = load_model_config(str(directory))
-    for name, value in {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
-                        "expert_model_parallel_size": 1, "expert_tensor_parallel_size": 1}.items():
+    for name, value in {
+        "tensor_model_parallel_size": 1,
+        "pipeline_model_parallel_size": 1,
+        "expert_model_parallel_size": 1,
+        "expert_tensor_parallel_size": 1,
+    }.items():
         setattr(provider, name, value)
     provider.finalize()
     provider.perform_initialization = False
     model = provider.provide_distributed_model(
-        wrap_with_ddp=False, init_model_with_meta_device=True, use_cpu_initialization=True, mixed_precision_wrapper=None
+        wrap_with_ddp=False,
+        init_model_with_meta_device=True,
+        use_cpu_initialization=True,
+        mixed_precision_wrapper=None,
     )[0]
     metadata = dist_checkpointing.load_content_metadata(
         preloaded_state_dict=dist_checkpointing.load_common_state_dict(str(directory))

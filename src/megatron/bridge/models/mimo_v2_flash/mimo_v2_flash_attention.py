@@ -14,7 +14,6 @@ from the ``attention_kind`` spec parameter.
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
 
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -25,8 +24,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import divide, get_pg_rank
 from torch import Tensor
 
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import FULL_ATTENTION, SLIDING_ATTENTION
-
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import SLIDING_ATTENTION
 
 SWA_ROPE_INDEX, FULL_ROPE_INDEX = 0, 1
 
@@ -60,17 +58,8 @@ class MiMoV2FlashRotaryEmbedding(RotaryEmbedding):
 
     def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None) -> Tensor:
         """Both tables stacked as ``[swa, full]``, each ``[seq, 1, 1, rotary_dim]``."""
-        if cp_group is not None:
-            return torch.stack(
-                [self.swa_rope(max_seq_len, offset, packed_seq, cp_group), super().forward(max_seq_len, offset, packed_seq, cp_group)]
-            )
-        return self._both_tables(max_seq_len, offset, packed_seq)
-
-    @lru_cache(maxsize=32)
-    def _both_tables(self, max_seq_len: int, offset: int, packed_seq: bool) -> Tensor:
-        return torch.stack(
-            [self.swa_rope(max_seq_len, offset, packed_seq, None), super().forward(max_seq_len, offset, packed_seq, None)]
-        )
+        swa = self.swa_rope(max_seq_len, offset, packed_seq, cp_group)
+        return torch.stack([swa, super().forward(max_seq_len, offset, packed_seq, cp_group)])
 
 
 class MiMoV2FlashSelfAttention(SelfAttention):
@@ -183,7 +172,9 @@ class MiMoV2FlashCoreAttention(MegatronModule):
         else:
             self.softmax_offset = None
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         """``query [sq,b,np,dk]``, ``key [sk,b,ng,dk]``, ``value [sk,b,ng,dv]`` -> ``[sq, b, np*dv]``."""
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("packed sequences / attention bias are not supported by the local backend")

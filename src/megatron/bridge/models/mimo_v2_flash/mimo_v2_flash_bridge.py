@@ -6,10 +6,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from megatron.core.models.gpt.gpt_model import GPTModel
-
 from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRegistry
 from megatron.bridge.models.conversion.model_bridge import MegatronModelBridge
+from megatron.core.models.gpt.gpt_model import GPTModel
+
+from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import HFCheckpoint
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
     FULL_ATTENTION,
     SLIDING_ATTENTION,
@@ -17,11 +18,9 @@ from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
     load_config_dict,
     parse_architecture,
 )
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import HFCheckpoint
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8Checkpoint
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import mimo_v2_flash_mapping_registry
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import MiMoV2FlashModelProvider
-
 
 MTP_KEY = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
 DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
@@ -139,7 +138,10 @@ class MiMoV2FlashBridge(MegatronModelBridge):
             "rope_theta": provider.rotary_base,
             "swa_rope_theta": provider.swa_rotary_base,
             "partial_rotary_factor": provider.rotary_percent,
-            "rope_parameters": {FULL_ATTENTION: rope(provider.rotary_base), SLIDING_ATTENTION: rope(provider.swa_rotary_base)},
+            "rope_parameters": {
+                FULL_ATTENTION: rope(provider.rotary_base),
+                SLIDING_ATTENTION: rope(provider.swa_rotary_base),
+            },
             "layernorm_epsilon": provider.layernorm_epsilon,
             "rms_norm_eps": provider.layernorm_epsilon,
             "attention_value_scale": provider.attention_value_scale,

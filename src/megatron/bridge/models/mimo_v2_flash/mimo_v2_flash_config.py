@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 
@@ -146,7 +145,9 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, float, float]:
             raise MiMoV2FlashConfigError(f"rope_parameters.{kind}.rope_type={entry['rope_type']!r} is not supported")
         per_type[kind] = (float(entry["rope_theta"]), float(entry.get("partial_rotary_factor", 1.0)))
     if per_type[FULL_ATTENTION][1] != per_type[SLIDING_ATTENTION][1]:
-        raise MiMoV2FlashConfigError("rope_parameters: different partial_rotary_factor per layer type is not supported")
+        raise MiMoV2FlashConfigError(
+            "rope_parameters: different partial_rotary_factor per layer type is not supported"
+        )
     return per_type[FULL_ATTENTION][0], per_type[SLIDING_ATTENTION][0], per_type[FULL_ATTENTION][1]
 
 
@@ -197,7 +198,8 @@ def parse_architecture(cfg: dict[str, Any]) -> MiMoV2FlashArchitecture:
     full_theta, swa_theta, factor = _rope(cfg)
     if not 0.0 < factor <= 1.0 or int(head_dim * factor) % 2:
         raise MiMoV2FlashConfigError(
-            f"partial_rotary_factor={factor} gives {int(head_dim * factor)} rotary dims of {head_dim} (must be even, > 0)"
+            f"partial_rotary_factor={factor} gives {int(head_dim * factor)} rotary dims of {head_dim} "
+            "(must be even, > 0)"
         )
     for name, kv in (("num_key_value_heads", full_kv), ("swa_num_key_value_heads", swa_kv)):
         if kv <= 0 or num_heads % kv:

@@ -141,11 +141,19 @@ class FP8Checkpoint:
         scale_rows, scale_cols = self.checkpoint.shape(name + SCALE_SUFFIX)
         bm, bn = self.block
         if scale_cols != math.ceil(cols / bn):
-            raise CheckpointError(self._unexplained(name, f"scale has {scale_cols} column blocks, expected {math.ceil(cols / bn)}"))
+            raise CheckpointError(
+                self._unexplained(name, f"scale has {scale_cols} column blocks, expected {math.ceil(cols / bn)}")
+            )
         candidates = {}
         if scale_rows == math.ceil(rows / bm):
             candidates["grid"] = grid_row_map(rows, bm)
-        which = "k" if name.endswith("self_attn.k_proj.weight") else "v" if name.endswith("self_attn.v_proj.weight") else None
+        which = (
+            "k"
+            if name.endswith("self_attn.k_proj.weight")
+            else "v"
+            if name.endswith("self_attn.v_proj.weight")
+            else None
+        )
         head = self.head_dim if which == "k" else self.v_head_dim
         if which and rows % head == 0:
             heads = rows // head
@@ -157,7 +165,8 @@ class FP8Checkpoint:
     def _unexplained(self, name: str, why: str) -> str:
         return (
             f"{self.checkpoint.file_of(name)}: cannot explain the FP8 scale layout of {name}: weight "
-            f"{self.checkpoint.shape(name)}, scale {self.checkpoint.shape(name + SCALE_SUFFIX)}, block {self.block} ({why})"
+            f"{self.checkpoint.shape(name)}, scale {self.checkpoint.shape(name + SCALE_SUFFIX)}, "
+            f"block {self.block} ({why})"
         )
 
     def shared_scale_check(self, k_name: str) -> tuple[int, int] | None:
@@ -203,7 +212,9 @@ class FP8Checkpoint:
         shared = self.shared_scale_check(k_name) if "fused_kv" in candidates else None
         if shared is not None and shared[0] != shared[1] and "grid" not in candidates:
             raise CheckpointError(
-                self._unexplained(name, f"shapes fit the fused K|V layout but only {shared[0]}/{shared[1]} heads share the K|V scale")
+                self._unexplained(
+                    name, f"shapes fit the fused K|V layout but only {shared[0]}/{shared[1]} heads share the K|V scale"
+                )
             )
         if len(candidates) == 1 or torch.equal(*candidates.values()):
             kind = "fused_kv" if "fused_kv" in candidates and "grid" not in candidates else "grid"
@@ -215,7 +226,11 @@ class FP8Checkpoint:
         # maximum in every block; a fused block's maximum may sit in either its K or its V part).
         weight = self.checkpoint.get(name)
         scale_rows = self.checkpoint.shape(name + SCALE_SUFFIX)[0]
-        fractions = {"grid": float((block_amax(weight, candidates["grid"], self.block[1], scale_rows) == FP8_MAX).float().mean())}
+        fractions = {
+            "grid": float(
+                (block_amax(weight, candidates["grid"], self.block[1], scale_rows) == FP8_MAX).float().mean()
+            )
+        }
         fractions["fused_kv"] = self._fused_amax_fraction(k_name)
         winners = [kind for kind, fraction in fractions.items() if fraction == 1.0]
         if shared is not None and shared[0] != shared[1]:
@@ -246,7 +261,9 @@ def quantize_blockwise(weight: torch.Tensor, block: tuple[int, int]) -> tuple[to
             tile = weight[i * bm : (i + 1) * bm, j * bn : (j + 1) * bn].float()
             amax = tile.abs().max().clamp(min=1e-12)
             scale[i, j] = amax / FP8_MAX
-            quantized[i * bm : (i + 1) * bm, j * bn : (j + 1) * bn] = (tile / scale[i, j]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            quantized[i * bm : (i + 1) * bm, j * bn : (j + 1) * bn] = (
+                (tile / scale[i, j]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            )
     return quantized, scale
 
 

@@ -59,7 +59,9 @@ def _use_mimo_attention(layer_spec: ModuleSpec, use_te: bool, attention_kind: st
 def mimo_v2_flash_block_spec(config, vp_stage: int | None = None):
     """Decoder block spec (dense / MoE per layer) with MiMo attention, for the configured backend."""
     use_te = config.use_transformer_engine
-    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage)
+    spec = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
+    )
     for layer_spec in spec.layer_specs:
         _use_mimo_attention(layer_spec, use_te)
     return spec

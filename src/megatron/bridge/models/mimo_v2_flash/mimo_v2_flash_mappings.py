@@ -7,7 +7,6 @@ from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRe
 from megatron.bridge.models.conversion.param_mapping import AutoMapping, GatedMLPMapping, QKVMapping
 from megatron.bridge.models.conversion.utils import remove_non_pickleables
 
-
 # The sink logits are one value per query head: column-parallel along dim 0, like the heads.
 AutoMapping.register_module_type("MiMoV2FlashCoreAttention", "column")
 AutoMapping.register_module_type("MiMoV2FlashTECoreAttention", "column")
@@ -122,7 +121,9 @@ def mimo_v2_flash_mapping_registry() -> MegatronMappingRegistry:
             gate="model.layers.*.mlp.experts.*.gate_proj.weight",
             up="model.layers.*.mlp.experts.*.up_proj.weight",
         ),
-        AutoMapping("decoder.layers.*.mlp.experts.linear_fc2.weight*", "model.layers.*.mlp.experts.*.down_proj.weight"),
+        AutoMapping(
+            "decoder.layers.*.mlp.experts.linear_fc2.weight*", "model.layers.*.mlp.experts.*.down_proj.weight"
+        ),
         # MTP: fusion norms and projection, then one dense SWA transformer layer.
         AutoMapping("mtp.layers.*.enorm.weight", "model.mtp.layers.*.enorm.weight"),
         AutoMapping("mtp.layers.*.hnorm.weight", "model.mtp.layers.*.hnorm.weight"),

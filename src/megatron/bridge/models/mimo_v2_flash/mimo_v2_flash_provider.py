@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
+from megatron.bridge.models.gpt_provider import GPTModelProvider
+from megatron.bridge.utils.vocab_utils import calculate_padded_vocab_size
 from megatron.core.models.gpt import GPTModel as MCoreGPTModel
-from megatron.core.pipeline_parallel.utils import is_pp_first_stage, is_pp_last_stage, is_vp_first_stage, is_vp_last_stage
+from megatron.core.pipeline_parallel.utils import (
+    is_pp_first_stage,
+    is_pp_last_stage,
+    is_vp_first_stage,
+    is_vp_last_stage,
+)
 from megatron.core.transformer import ModuleSpec
 
-from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_attention import MiMoV2FlashRotaryEmbedding
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
     FULL_ATTENTION,
@@ -25,7 +31,6 @@ from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_layer_specs import (
     mimo_v2_flash_mtp_block_spec,
 )
 from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
-from megatron.bridge.utils.vocab_utils import calculate_padded_vocab_size
 
 
 def transformer_engine_usable() -> bool:
@@ -183,4 +188,3 @@ class MiMoV2FlashModelProvider(GPTModelProvider):
                 cp_group=self._pg_collection.cp,
             )
         return model
-

@@ -21,7 +21,12 @@ def _kv_heads_fit(kind: str, kv_heads: int, tp: int) -> None:
 
 
 def check_parallel_layout(
-    arch: MiMoV2FlashArchitecture | None, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, cp: int = 1,
+    arch: MiMoV2FlashArchitecture | None,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    cp: int = 1,
     world_size: int | None = None,
 ) -> None:
     """Raise with an actionable message if the layout cannot run this model (``arch=None``: sizes only)."""
@@ -56,7 +61,9 @@ def _check_model_fits(arch, tp: int, pp: int, ep: int, etp: int) -> None:
         if arch.num_experts % ep:
             raise MiMoV2FlashConfigError(f"--ep {ep} does not divide the {arch.num_experts} experts")
         if arch.moe_ffn_hidden_size % etp:
-            raise MiMoV2FlashConfigError(f"--etp {etp} does not divide moe_intermediate_size={arch.moe_ffn_hidden_size}")
+            raise MiMoV2FlashConfigError(
+                f"--etp {etp} does not divide moe_intermediate_size={arch.moe_ffn_hidden_size}"
+            )
 
 
 def _check_world_size(world_size: int, tp: int, pp: int, ep: int, etp: int, cp: int) -> None:

@@ -21,6 +21,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
+from tqdm import tqdm
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
@@ -30,7 +31,7 @@ def _storage_key(tensor: torch.Tensor) -> int:
 class ParameterMaterializer:
     """Computes real values for meta parameters of ``model`` from an HF checkpoint, one parameter at a time."""
 
-    def __init__(self, model, bridge, hf_state, cache_size: int = 2) -> None:
+    def __init__(self, model, bridge, hf_state, cache_size: int = 2, progress=None) -> None:
         self.model = model
         self.bridge = bridge
         self.hf_state = hf_state
@@ -41,12 +42,16 @@ class ParameterMaterializer:
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.cache_size = cache_size
         self.tensors = 0
+        self.progress = progress
 
     def __call__(self, view: torch.Tensor) -> torch.Tensor:
         """The real data of a meta tensor ``view`` (a view of some parameter or buffer)."""
         name, meta = self.names[_storage_key(view)]
         real = self._parameter(name, meta)
-        return torch.as_strided(real, view.shape, view.stride(), view.storage_offset()).clone()
+        item = torch.as_strided(real, view.shape, view.stride(), view.storage_offset()).clone()
+        if self.progress is not None:
+            self.progress(item.numel() * item.element_size())
+        return item
 
     def _parameter(self, name: str, meta: torch.Tensor) -> torch.Tensor:
         if name in self.cache:
@@ -65,7 +70,9 @@ class ParameterMaterializer:
             finally:
                 module.to_empty(device="meta", recurse=False)
             if tuple(value.shape) != tuple(meta.shape):
-                raise ValueError(f"{name}: mapped to shape {tuple(value.shape)}, the model expects {tuple(meta.shape)}")
+                raise ValueError(
+                    f"{name}: mapped to shape {tuple(value.shape)}, the model expects {tuple(meta.shape)}"
+                )
         self.cache[name] = value
         self.tensors += 1
         while len(self.cache) > self.cache_size:
@@ -114,13 +121,13 @@ class MaterializingSaveStrategy(TorchDistSaveShardedStrategy):
 
 def stream_import(hf_dir: Path, megatron_path: Path, dtype: torch.dtype) -> int:
     """Write ``megatron_path`` (a complete Megatron-Bridge checkpoint) from ``hf_dir``; returns tensors written."""
-    from megatron.bridge import AutoBridge
     from megatron.bridge.training.checkpointing import get_checkpoint_name, save_checkpoint, save_tokenizer_assets
     from megatron.bridge.training.config import CheckpointConfig, ConfigContainer, LoggerConfig, OptimizerConfig
     from megatron.bridge.training.state import GlobalState
     from megatron.bridge.training.tokenizers.config import TokenizerConfig
     from megatron.bridge.training.tokenizers.tokenizer import build_tokenizer
 
+    from megatron.bridge import AutoBridge
     from megatron.bridge.models.mimo_v2_flash.inference import configure_provider
 
     auto = AutoBridge.from_hf_pretrained(str(hf_dir))
@@ -128,11 +135,17 @@ def stream_import(hf_dir: Path, megatron_path: Path, dtype: torch.dtype) -> int:
     provider.perform_initialization = False
     # CPU initialization allocates without an explicit device, so under the meta-device context nothing is allocated.
     model = provider.provide_distributed_model(
-        wrap_with_ddp=False, init_model_with_meta_device=True, use_cpu_initialization=True, mixed_precision_wrapper=None
+        wrap_with_ddp=False,
+        init_model_with_meta_device=True,
+        use_cpu_initialization=True,
+        mixed_precision_wrapper=None,
     )[0]
     # The saved run_config must describe a normally built model.
     provider.perform_initialization, provider.init_model_with_meta_device = True, False
-    materializer = ParameterMaterializer(model, auto._model_bridge, auto.hf_pretrained.state)
+    params = [*model.named_parameters(), *model.named_buffers()]
+    total_bytes = sum(t.numel() * t.element_size() for _, t in params)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="import", mininterval=1.0)
+    materializer = ParameterMaterializer(model, auto._model_bridge, auto.hf_pretrained.state, progress=bar.update)
     has_tokenizer = any(hf_dir.glob("tokenizer*"))
     tokenizer = (
         TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(hf_dir)) if has_tokenizer else None
@@ -147,8 +160,14 @@ def stream_import(hf_dir: Path, megatron_path: Path, dtype: torch.dtype) -> int:
         dataset=None,
         logger=LoggerConfig(),
         tokenizer=tokenizer,
-        checkpoint=CheckpointConfig(async_save=False, save=str(megatron_path), save_optim=False, save_rng=False,
-                                    ckpt_format="torch_dist", dist_ckpt_optim_fully_reshardable=True),
+        checkpoint=CheckpointConfig(
+            async_save=False,
+            save=str(megatron_path),
+            save_optim=False,
+            save_rng=False,
+            ckpt_format="torch_dist",
+            dist_ckpt_optim_fully_reshardable=True,
+        ),
         dist=None,
     )
     save_checkpoint(
@@ -160,6 +179,9 @@ def stream_import(hf_dir: Path, megatron_path: Path, dtype: torch.dtype) -> int:
         checkpointing_context={"save_strategy": MaterializingSaveStrategy(materializer)},
         callback_manager=None,
     )
+    bar.close()
     if tokenizer is not None:
-        save_tokenizer_assets(build_tokenizer(tokenizer), tokenizer, get_checkpoint_name(str(megatron_path), 0, release=False))
+        save_tokenizer_assets(
+            build_tokenizer(tokenizer), tokenizer, get_checkpoint_name(str(megatron_path), 0, release=False)
+        )
     return materializer.tensors

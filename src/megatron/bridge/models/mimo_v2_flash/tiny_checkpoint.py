@@ -143,7 +143,11 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
 
 
 def write_tiny_checkpoint(
-    directory: str | Path, cfg: dict[str, Any] | None = None, mtp_layers: int = 1, seed: int = 0, tokenizer: bool = True
+    directory: str | Path,
+    cfg: dict[str, Any] | None = None,
+    mtp_layers: int = 1,
+    seed: int = 0,
+    tokenizer: bool = True,
 ) -> Path:
     """Write a random MiMo-V2-Flash HF checkpoint (fp32 safetensors, sharded, with MTP) into ``directory``."""
     directory = Path(directory)
@@ -227,6 +231,10 @@ def write_fp8_checkpoint(src: str | Path, dst: str | Path, block: tuple[int, int
     }
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     for extra in src.iterdir():
-        if extra.is_file() and not extra.name.endswith((".safetensors", ".json")) or extra.name.startswith("tokenizer"):
+        if (
+            extra.is_file()
+            and not extra.name.endswith((".safetensors", ".json"))
+            or extra.name.startswith("tokenizer")
+        ):
             (dst / extra.name).write_bytes(extra.read_bytes())
     return dst
