@@ -45,7 +45,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             default=None if flag == "etp" else 1,
             help=f"{meaning}-parallel size (run under torchrun with that many processes)",
         )
+    parser.add_argument(
+        "--vp", type=int, default=None, help="virtual pipeline stages per pipeline rank (needs --pp > 1)"
+    )
     args = parser.parse_args(argv)
+    if args.vp is not None and (args.pp < 2 or args.vp < 2):
+        parser.error("--vp needs --pp >= 2 and a value >= 2")
     if args.max_new_tokens < 0:
         parser.error("--max-new-tokens must be >= 0")
     return args
@@ -122,17 +127,25 @@ def _load_model(args: argparse.Namespace, layout: dict):
 
     from megatron.bridge.models.mimo_v2_flash.inference import DTYPES, load_from_hf
     from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import load_megatron_checkpoint
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import load_config_dict, parse_architecture
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
+        MiMoV2FlashConfigError,
+        load_config_dict,
+        parse_architecture,
+    )
     from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
     from megatron.bridge.models.mimo_v2_flash.runtime import initialize_parallel_state
 
     arch = parse_architecture(load_config_dict(args.hf_model)) if args.hf_model is not None else None
     check_parallel_layout(arch, **layout, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    initialize_parallel_state(**layout)
+    if arch is not None and args.vp and arch.num_layers % (args.pp * args.vp):
+        raise MiMoV2FlashConfigError(
+            f"--pp {args.pp} x --vp {args.vp} does not divide num_hidden_layers={arch.num_layers}"
+        )
+    initialize_parallel_state(**layout, vp=args.vp)
     dtype = DTYPES[args.dtype]
     if args.hf_model is not None:
-        return load_from_hf(args.hf_model, dtype, **layout)
-    return load_megatron_checkpoint(args.megatron_path, dtype, **layout)
+        return load_from_hf(args.hf_model, dtype, **layout, vp=args.vp)
+    return load_megatron_checkpoint(args.megatron_path, dtype, **layout, vp=args.vp)
 
 
 def _load_tokenizer(directory: Path, required: bool):

@@ -19,6 +19,7 @@ def configure_provider(
     pp: int = 1,
     ep: int = 1,
     etp: int | None = None,
+    vp: int | None = None,
     parallel_output: bool = False,
 ):
     """Apply dtype and parallel layout to a provider (``parallel_output=False``: full logits on every rank)."""
@@ -30,6 +31,7 @@ def configure_provider(
     provider.pipeline_model_parallel_size = pp
     provider.expert_model_parallel_size = ep
     provider.expert_tensor_parallel_size = etp if etp is not None else tp
+    provider.virtual_pipeline_model_parallel_size = vp
     provider.sequence_parallel = False
     provider.parallel_output = parallel_output
     provider.use_cpu_initialization = cuda_absent()
@@ -37,14 +39,13 @@ def configure_provider(
     return provider
 
 
-def build_model(provider) -> torch.nn.Module:
-    """Instantiate (and, with the provider's pre-wrap hooks, load) the model; returns the single model chunk."""
+def build_model(provider) -> torch.nn.Module | list[torch.nn.Module]:
+    """Instantiate (and, with the provider's pre-wrap hooks, load) the model: one module, or the list of this
+    rank's chunks with virtual pipeline stages."""
     models = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=cuda_absent())
-    if len(models) != 1:
-        raise NotImplementedError("virtual pipeline stages are not supported for generation")
-    model = models[0]
-    model.eval()
-    return model
+    for chunk in models:
+        chunk.eval()
+    return models[0] if len(models) == 1 else models
 
 
 def load_from_hf(hf_path: str | Path, dtype: torch.dtype = torch.float32, **layout) -> torch.nn.Module:
@@ -56,8 +57,9 @@ def load_from_hf(hf_path: str | Path, dtype: torch.dtype = torch.float32, **layo
     return build_model(provider)
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def _device(model) -> torch.device:
+    first = model[0] if isinstance(model, list) else model
+    return next(first.parameters()).device
 
 
 @torch.no_grad()
@@ -85,11 +87,14 @@ def _pipeline_forward_logits(model, ids: torch.Tensor, positions: torch.Tensor) 
         return chunk(ids, positions, None, runtime_gather_output=True), keep_logits
 
     with cuda_literals_on_cpu():
+        chunks = model if isinstance(model, list) else [model]
+        # The interleaved (virtual-pipeline) schedule needs at least PP micro-batches: repeat the same sequence.
+        microbatches = parallel_state.get_pipeline_model_parallel_world_size() if len(chunks) > 1 else 1
         get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=iter([None]),
-            model=[model],
-            num_microbatches=1,
+            data_iterator=[iter([None] * microbatches) for _ in chunks] if len(chunks) > 1 else iter([None]),
+            model=chunks,
+            num_microbatches=microbatches,
             seq_length=ids.shape[1],
             micro_batch_size=1,
             forward_only=True,

@@ -63,8 +63,14 @@ def save_megatron_checkpoint(
 
 
 def load_megatron_checkpoint(
-    path: str | Path, dtype: torch.dtype | None = None, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None
-) -> torch.nn.Module:
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    vp: int | None = None,
+):
     """Load the latest weights under ``path`` at the given parallel layout; optionally cast to ``dtype``."""
     from megatron.bridge.training.model_load_save import load_megatron_model
 
@@ -74,18 +80,21 @@ def load_megatron_checkpoint(
         "pipeline_model_parallel_size": pp,
         "expert_model_parallel_size": ep,
         "expert_tensor_parallel_size": etp if etp is not None else tp,
+        "virtual_pipeline_model_parallel_size": vp,
     }
+    if vp:
+        # The saved value matches the layout the checkpoint was written at, not the one it is loaded at.
+        overrides["microbatch_group_size_per_vp_stage"] = pp
     models = load_megatron_model(
         str(directory),
         use_cpu_init=cuda_absent(),
         skip_temp_dist_context=dist.is_initialized(),
         mp_overrides=overrides,
     )
-    model = models[0] if isinstance(models, list) else models
-    if dtype is not None:
-        model = model.to(dtype)
-    model.eval()
-    return model
+    chunks = models if isinstance(models, list) else [models]
+    for index, chunk in enumerate(chunks):
+        chunks[index] = (chunk.to(dtype) if dtype is not None else chunk).eval()
+    return chunks[0] if len(chunks) == 1 else chunks
 
 
 def _group_of(name: str, key: str) -> str:

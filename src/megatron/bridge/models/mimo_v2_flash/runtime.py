@@ -13,7 +13,9 @@ from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import (
 )
 
 
-def initialize_parallel_state(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, seed: int = 1234) -> None:
+def initialize_parallel_state(
+    tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, vp: int | None = None, seed: int = 1234
+) -> None:
     """Initialize torch.distributed and Megatron's model-parallel groups (idempotent for the same layout)."""
     apply_cpu_adaptations()
     init_single_process_group()
@@ -24,6 +26,7 @@ def initialize_parallel_state(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | 
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp if etp is not None else tp,
+        virtual_pipeline_model_parallel_size=vp,
     )
     # Without CUDA there are no CUDA RNG states to track; the inference tracker keeps fork() a no-op.
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=cuda_absent())
