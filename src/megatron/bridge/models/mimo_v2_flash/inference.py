@@ -48,6 +48,23 @@ def build_model(provider) -> torch.nn.Module | list[torch.nn.Module]:
     return models[0] if len(models) == 1 else models
 
 
+def build_meta_model(provider) -> torch.nn.Module:
+    """The model with every parameter on the meta device (shapes only, nothing allocated or initialized).
+
+    CPU initialization allocates without an explicit device, so under the meta-device context nothing is
+    allocated. The provider is left describing a normally built model (it may be saved in a run_config).
+    """
+    provider.perform_initialization = False
+    model = provider.provide_distributed_model(
+        wrap_with_ddp=False,
+        init_model_with_meta_device=True,
+        use_cpu_initialization=True,
+        mixed_precision_wrapper=None,
+    )[0]
+    provider.perform_initialization, provider.init_model_with_meta_device = True, False
+    return model
+
+
 def load_from_hf(hf_path: str | Path, dtype: torch.dtype = torch.float32, **layout) -> torch.nn.Module:
     """HF checkpoint -> Megatron model through ``AutoBridge`` (weights streamed through the mapping registry)."""
     from megatron.bridge import AutoBridge

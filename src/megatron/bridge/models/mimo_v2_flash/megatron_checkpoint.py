@@ -122,6 +122,8 @@ def iter_hf_weights(path: str | Path, mapping_registry):
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
+    from megatron.bridge.models.mimo_v2_flash.inference import build_meta_model
+
     directory = latest_iteration_dir(path)
     provider, _ = load_model_config(str(directory))
     for name, value in {
@@ -132,13 +134,7 @@ def iter_hf_weights(path: str | Path, mapping_registry):
     }.items():
         setattr(provider, name, value)
     provider.finalize()
-    provider.perform_initialization = False
-    model = provider.provide_distributed_model(
-        wrap_with_ddp=False,
-        init_model_with_meta_device=True,
-        use_cpu_initialization=True,
-        mixed_precision_wrapper=None,
-    )[0]
+    model = build_meta_model(provider)
     metadata = dist_checkpointing.load_content_metadata(
         preloaded_state_dict=dist_checkpointing.load_common_state_dict(str(directory))
     )

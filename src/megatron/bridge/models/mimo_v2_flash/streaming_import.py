@@ -128,20 +128,11 @@ def stream_import(hf_dir: Path, megatron_path: Path, dtype: torch.dtype) -> int:
     from megatron.bridge.training.tokenizers.tokenizer import build_tokenizer
 
     from megatron.bridge import AutoBridge
-    from megatron.bridge.models.mimo_v2_flash.inference import configure_provider
+    from megatron.bridge.models.mimo_v2_flash.inference import build_meta_model, configure_provider
 
     auto = AutoBridge.from_hf_pretrained(str(hf_dir))
     provider = configure_provider(auto.to_megatron_provider(load_weights=False), dtype, parallel_output=True)
-    provider.perform_initialization = False
-    # CPU initialization allocates without an explicit device, so under the meta-device context nothing is allocated.
-    model = provider.provide_distributed_model(
-        wrap_with_ddp=False,
-        init_model_with_meta_device=True,
-        use_cpu_initialization=True,
-        mixed_precision_wrapper=None,
-    )[0]
-    # The saved run_config must describe a normally built model.
-    provider.perform_initialization, provider.init_model_with_meta_device = True, False
+    model = build_meta_model(provider)
     params = [*model.named_parameters(), *model.named_buffers()]
     total_bytes = sum(t.numel() * t.element_size() for _, t in params)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="import", mininterval=1.0)
