@@ -4,7 +4,7 @@ megatron-bridge 0.6.2 ships its own ``megatron.bridge.models.mimo_v2_flash`` (TE
 gaps) and ``megatron/bridge/models/__init__.py`` imports it, which registers that bridge for
 ``MiMoV2FlashForCausalLM``. Copying files over the installed wheel would leave a mix of both versions
 behind and break on reinstall, so instead a meta-path finder, installed at interpreter start-up by
-``zz_mimo_v2_flash_overlay.pth`` (shipped in this project's wheel), answers two module names:
+``zz_mimo_v2_flash_overlay.pth`` (shipped in this project's wheel), answers these module names:
 
 * ``megatron.bridge.models.mimo_v2_flash`` and its submodules resolve to
   ``src/megatron/bridge/models/mimo_v2_flash`` of this repository. Everything that imports the upstream
@@ -15,6 +15,8 @@ behind and break on reinstall, so instead a meta-path finder, installed at inter
   is executed with an ``__import__`` that hands it an inert stand-in for ``transformer_engine``; nothing
   is put in ``sys.modules``, so Megatron-Core and every other module still see TE as absent
   (``HAVE_TE = False``). With TE installed the module is loaded untouched.
+* ``megatron.bridge.training.pretrain`` imports ``nvidia_resiliency_ext`` for a type annotation; without it,
+  the same confined mechanism (``CONFINED_STAND_INS``) makes ``megatron.bridge.training`` importable.
 """
 
 from __future__ import annotations
@@ -29,16 +31,20 @@ from pathlib import Path
 from typing import Any
 
 OVERLAID_PACKAGE = "megatron.bridge.models.mimo_v2_flash"
-TE_IMPORTING_MODULE = "megatron.bridge.peft.lora_layers"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "megatron" / "bridge" / "models" / "mimo_v2_flash"
+
+
+def package_available(name: str) -> bool:
+    """Whether a real top-level package can be found (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def transformer_engine_available() -> bool:
     """Whether a real TransformerEngine can be found (without importing it)."""
-    try:
-        return importlib.util.find_spec("transformer_engine") is not None
-    except (ImportError, ValueError):
-        return False
+    return package_available("transformer_engine")
 
 
 def _inert_transformer_engine() -> types.ModuleType:
@@ -65,22 +71,55 @@ def _inert_transformer_engine() -> types.ModuleType:
     return te
 
 
-class _WithoutTELoader(importlib.abc.Loader):
-    """Runs a module whose ``import transformer_engine...`` statements receive the inert stand-in."""
+def _inert_resiliency_ext() -> types.ModuleType:
+    """A stand-in for ``nvidia_resiliency_ext``: ``training/pretrain.py`` only uses ``inprocess.CallWrapper`` as a
+    type annotation (the in-process restart wrapper, which is only injected when nvidia-resiliency-ext runs it)."""
 
-    def __init__(self, wrapped: importlib.abc.Loader) -> None:
+    class CallWrapper:
+        """Placeholder type: never instantiated without nvidia-resiliency-ext."""
+
+    inprocess = types.ModuleType("nvidia_resiliency_ext.inprocess")
+    inprocess.CallWrapper = CallWrapper
+    package = types.ModuleType("nvidia_resiliency_ext")
+    package.inprocess = inprocess
+    package.__mimo_v2_flash_stand_in__ = inprocess.__mimo_v2_flash_stand_in__ = True
+    return package
+
+
+# module importing an optional package unconditionally -> (that package, factory of its inert stand-in)
+CONFINED_STAND_INS = {
+    # ``import transformer_engine.pytorch as te`` at module level; TE is only used behind isinstance checks.
+    "megatron.bridge.peft.lora_layers": ("transformer_engine", _inert_transformer_engine),
+    # ``from nvidia_resiliency_ext.inprocess import CallWrapper`` for a type annotation; the only installable
+    # release (0.4.1) crashes Megatron-Core at import, and newer ones need glibc 2.39.
+    "megatron.bridge.training.pretrain": ("nvidia_resiliency_ext", _inert_resiliency_ext),
+}
+
+
+class _ConfinedStandInLoader(importlib.abc.Loader):
+    """Runs a module whose imports of one absent package receive an inert stand-in (nothing in sys.modules)."""
+
+    def __init__(self, wrapped: importlib.abc.Loader, package: str, factory) -> None:
         self._wrapped = wrapped
+        self._package = package
+        self._factory = factory
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         return self._wrapped.create_module(spec)
 
     def exec_module(self, module: types.ModuleType) -> None:
-        stand_in = _inert_transformer_engine()
+        stand_in = self._factory()
+        package = self._package
         real_import = builtins.__import__
 
         def confined_import(name, globals=None, locals=None, fromlist=(), level=0):
-            if level == 0 and (name == "transformer_engine" or name.startswith("transformer_engine.")):
-                return stand_in if not fromlist or name == "transformer_engine" else stand_in.pytorch
+            if level == 0 and (name == package or name.startswith(package + ".")):
+                if not fromlist:
+                    return stand_in
+                target = stand_in
+                for part in name.split(".")[1:]:
+                    target = getattr(target, part)
+                return target
             return real_import(name, globals, locals, fromlist, level)
 
         module_builtins = dict(vars(builtins))
@@ -96,10 +135,13 @@ class MiMoV2FlashOverlayFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname == OVERLAID_PACKAGE or fullname.startswith(OVERLAID_PACKAGE + "."):
             return self._overlay_spec(fullname)
-        if fullname == TE_IMPORTING_MODULE and not transformer_engine_available():
+        if fullname in CONFINED_STAND_INS:
+            package, factory = CONFINED_STAND_INS[fullname]
+            if package_available(package):
+                return None
             spec = importlib.machinery.PathFinder.find_spec(fullname, path)
             if spec is not None and isinstance(spec.loader, importlib.machinery.SourceFileLoader):
-                spec.loader = _WithoutTELoader(spec.loader)
+                spec.loader = _ConfinedStandInLoader(spec.loader, package, factory)
             return spec
         return None
 

@@ -48,6 +48,19 @@ def test_te_shim_is_confined_to_lora_layers():
     assert out == "False True False False True"
 
 
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("nvidia_resiliency_ext") is not None, reason="installed: no stand-in"
+)
+def test_training_loop_imports_without_resiliency_ext():
+    out = _run(
+        "import sys, importlib.util\n"
+        "import megatron.bridge.training.finetune, megatron.bridge.training.pretrain as pretrain\n"
+        "print('nvidia_resiliency_ext' in sys.modules, importlib.util.find_spec('nvidia_resiliency_ext') is None,"
+        " pretrain.CallWrapper.__module__)"
+    )
+    assert out == "False True mimo_v2_flash_overlay"
+
+
 def test_stand_in_te_classes_cannot_be_instantiated():
     out = _run(
         "import megatron.bridge.peft.lora_layers as lora\n"
