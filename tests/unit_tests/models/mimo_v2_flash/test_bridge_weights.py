@@ -111,3 +111,22 @@ def test_te_backend_matches_local_backend_on_gpu(tiny_hf_dir):  # pragma: no cov
         with torch.no_grad():
             logits[use_te] = model(ids, torch.arange(24, device="cuda").unsqueeze(0), None).float()
     assert (logits[True] - logits[False]).abs().max().item() < 5e-2
+
+
+def test_megatron_to_hf_config_round_trips_the_architecture(tiny_hf_dir):
+    """The bridge's config export (used by AutoBridge.save_hf_pretrained) describes the same model."""
+    import json
+
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.models.mimo_v2_flash import MiMoV2FlashBridge
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import parse_architecture
+
+    original = parse_architecture(json.loads((tiny_hf_dir / "config.json").read_text()))
+    provider = AutoBridge.from_hf_pretrained(str(tiny_hf_dir)).to_megatron_provider(load_weights=False)
+    exported = parse_architecture(MiMoV2FlashBridge.megatron_to_hf_config(provider))
+    differing = {
+        field: (getattr(original, field), getattr(exported, field))
+        for field in original.__dataclass_fields__
+        if getattr(original, field) != getattr(exported, field)
+    }
+    assert set(differing) <= {"torch_dtype"}, differing

@@ -12,11 +12,11 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 
 from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import HFCheckpoint
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
-    FULL_ATTENTION,
     SLIDING_ATTENTION,
     MiMoV2FlashArchitecture,
     load_config_dict,
     parse_architecture,
+    with_native_fields,
 )
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8Checkpoint
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import mimo_v2_flash_mapping_registry
@@ -99,15 +99,9 @@ class MiMoV2FlashBridge(MegatronModelBridge):
 
     @classmethod
     def megatron_to_hf_config(cls, provider: MiMoV2FlashModelProvider) -> dict:
-        """HF config in both spellings: hub (remote code) fields and transformers-native fields."""
-        layer_types = list(provider.attention_layer_types)
+        """HF config in both spellings: hub (remote code) fields plus the transformers-native fields."""
         moe_layers = _moe_layer_list(provider)
-        rope = lambda theta: {  # noqa: E731
-            "rope_type": "default",
-            "rope_theta": theta,
-            "partial_rotary_factor": provider.rotary_percent,
-        }
-        return {
+        hub = {
             "architectures": ["MiMoV2FlashForCausalLM"],
             "model_type": "mimo_v2_flash",
             "vocab_size": provider.vocab_size,
@@ -129,21 +123,13 @@ class MiMoV2FlashBridge(MegatronModelBridge):
             "tie_word_embeddings": False,
             "attention_bias": False,
             "attention_dropout": 0.0,
-            "hybrid_layer_pattern": [int(t == SLIDING_ATTENTION) for t in layer_types],
-            "layer_types": layer_types,
+            "hybrid_layer_pattern": [int(t == SLIDING_ATTENTION) for t in provider.attention_layer_types],
             "moe_layer_freq": [int(v) for v in moe_layers],
-            "mlp_layer_types": ["sparse" if v else "dense" for v in moe_layers],
             "sliding_window_size": provider.sliding_window_size,
-            "sliding_window": provider.sliding_window_size + 1,
             "rope_theta": provider.rotary_base,
             "swa_rope_theta": provider.swa_rotary_base,
             "partial_rotary_factor": provider.rotary_percent,
-            "rope_parameters": {
-                FULL_ATTENTION: rope(provider.rotary_base),
-                SLIDING_ATTENTION: rope(provider.swa_rotary_base),
-            },
             "layernorm_epsilon": provider.layernorm_epsilon,
-            "rms_norm_eps": provider.layernorm_epsilon,
             "attention_value_scale": provider.attention_value_scale,
             "add_full_attention_sink_bias": provider.full_attention_sink,
             "add_swa_attention_sink_bias": provider.swa_attention_sink,
@@ -157,6 +143,7 @@ class MiMoV2FlashBridge(MegatronModelBridge):
             "routed_scaling_factor": provider.moe_router_topk_scaling_factor,
             "n_shared_experts": None,
         }
+        return with_native_fields(hub)
 
     def maybe_modify_loaded_hf_weight(self, hf_param, hf_state_dict):
         """Read HF weights through the validating, exactly-dequantizing FP8 view of the checkpoint.
