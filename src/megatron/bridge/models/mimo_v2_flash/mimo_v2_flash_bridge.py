@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRegistry
 from megatron.bridge.models.conversion.model_bridge import MegatronModelBridge
 from megatron.core.models.gpt.gpt_model import GPTModel
@@ -23,7 +24,6 @@ from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import mimo_v2_
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import MiMoV2FlashModelProvider
 
 MTP_KEY = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
-DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 def count_mtp_layers(keys) -> int:
@@ -36,8 +36,6 @@ def count_mtp_layers(keys) -> int:
 
 def provider_from_architecture(arch: MiMoV2FlashArchitecture, mtp_num_layers: int = 0, **overrides: Any):
     """A :class:`MiMoV2FlashModelProvider` for a normalized architecture (plus provider field overrides)."""
-    import torch
-
     params_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(arch.torch_dtype, torch.float32)
     kwargs = dict(
         num_layers=arch.num_layers,
