@@ -48,7 +48,8 @@ class ParameterMaterializer:
         """The real data of a meta tensor ``view`` (a view of some parameter or buffer)."""
         name, meta = self.names[_storage_key(view)]
         real = self._parameter(name, meta)
-        item = torch.as_strided(real, view.shape, view.stride(), view.storage_offset()).clone()
+        # A view of the cached value: PyTorch's writer copies it only when it is a partial view of the storage.
+        item = torch.as_strided(real, view.shape, view.stride(), view.storage_offset())
         if self.progress is not None:
             self.progress(item.numel() * item.element_size())
         return item
