@@ -18,7 +18,6 @@ Expected problems (bad or truncated files, missing tensors or scales, wrong shap
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -75,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     quiet_framework_logs()
     import torch
 
-    from megatron.bridge.models.mimo_v2_flash.checkpoint_validation import validate_checkpoint
     from megatron.bridge.models.mimo_v2_flash.conversion import (
         export_checkpoint,
         import_checkpoint,
@@ -83,9 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         is_rank0,
         return_freed_memory_to_the_system,
     )
-    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
+    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
-    from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
 
     return_freed_memory_to_the_system()
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[getattr(args, "dtype", "bfloat16")]
@@ -97,9 +94,6 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "import":
             layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp}
-            arch, _ = validate_checkpoint(HFCheckpoint(args.hf_model))
-            check_parallel_layout(arch, **layout, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-            initialize_parallel_state(**layout)
             summary = import_checkpoint(args.hf_model, args.megatron_path, dtype, layout, overwrite=args.overwrite)
             action, target = "imported", args.megatron_path
         else:

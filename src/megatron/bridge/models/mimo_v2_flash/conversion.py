@@ -40,15 +40,25 @@ def is_rank0() -> bool:
 def import_checkpoint(
     hf_dir: Path, megatron_path: Path, dtype: torch.dtype, layout: dict, overwrite: bool = False
 ) -> dict:
-    """HF (FP8 or BF16/FP32) -> Megatron distributed checkpoint, validated first, written atomically."""
+    """HF (FP8 or BF16/FP32) -> Megatron distributed checkpoint, written atomically.
+
+    The checkpoint and the parallel layout are validated before the process groups are set up or anything is
+    built; ``layout`` holds ``tp``, ``pp``, ``ep``, ``etp`` (torchrun supplies the processes).
+    """
+    import os
+
     from megatron.bridge import AutoBridge
     from megatron.bridge.models.mimo_v2_flash.inference import build_model, configure_provider
     from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import save_megatron_checkpoint
+    from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
+    from megatron.bridge.models.mimo_v2_flash.runtime import initialize_parallel_state
     from megatron.bridge.models.mimo_v2_flash.streaming_import import stream_import
 
     check_output_dir(megatron_path, overwrite)
     checkpoint = HFCheckpoint(hf_dir)
     arch, mtp_layers = validate_checkpoint(checkpoint)
+    check_parallel_layout(arch, **layout, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    initialize_parallel_state(**layout)
     start = time.perf_counter()
     if not dist.is_initialized() or dist.get_world_size() == 1:
         # One process: stream tensor by tensor into the checkpoint (memory bounded by a parameter, not the model).
