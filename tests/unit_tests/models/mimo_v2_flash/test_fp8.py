@@ -55,6 +55,18 @@ def write_checkpoint(directory: Path, tensors: dict, config: dict) -> Path:
     return directory
 
 
+def kv_checkpoint(directory: Path, prefix: str, quantized, config: dict) -> FP8Checkpoint:
+    """A checkpoint holding one layer's quantized K and V projections and their scales."""
+    qk, sk, qv, sv = quantized
+    tensors = {
+        prefix + "k_proj.weight": qk,
+        prefix + "k_proj.weight_scale_inv": sk,
+        prefix + "v_proj.weight": qv,
+        prefix + "v_proj.weight_scale_inv": sv,
+    }
+    return FP8Checkpoint(HFCheckpoint(write_checkpoint(directory, tensors, config)))
+
+
 def config_for(head_dim, v_head_dim, block):
     return {
         "hidden_size": 256,
@@ -103,13 +115,7 @@ def test_fused_kv_layout_is_exact(kv_heads, dk, dv, block, tmp_path):
     if (dk, dv, block) == (192, 128, (128, 128)):
         assert tuple(sk.shape) == (2 * kv_heads, 32) and tuple(sv.shape) == (2 * kv_heads, 32)
     p = "model.layers.3.self_attn."
-    tensors = {
-        p + "k_proj.weight": qk,
-        p + "k_proj.weight_scale_inv": sk,
-        p + "v_proj.weight": qv,
-        p + "v_proj.weight_scale_inv": sv,
-    }
-    ckpt = FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path, tensors, config_for(dk, dv, block))))
+    ckpt = kv_checkpoint(tmp_path, p, (qk, sk, qv, sv), config_for(dk, dv, block))
     want_k, want_v = reference_fused(qk, sk, qv, sv, kv_heads, dk, dv, *block)
     assert torch.equal(ckpt.get(p + "k_proj.weight"), want_k)
     assert torch.equal(ckpt.get(p + "v_proj.weight"), want_v)
@@ -138,13 +144,7 @@ def test_upstream_dequant_is_wrong_on_the_released_k_layout_and_ours_is_right(tm
     upstream_k = upstream(qk, sk).float()  # 768 rows // 8 scale rows -> 96-row blocks
     assert (upstream_k - want_k.to(torch.bfloat16).float()).abs().max() > 1e-2
     p = "model.layers.0.self_attn."
-    tensors = {
-        p + "k_proj.weight": qk,
-        p + "k_proj.weight_scale_inv": sk,
-        p + "v_proj.weight": qv,
-        p + "v_proj.weight_scale_inv": sv,
-    }
-    ours = FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path, tensors, config_for(dk, dv, block))))
+    ours = kv_checkpoint(tmp_path, p, (qk, sk, qv, sv), config_for(dk, dv, block))
     assert torch.equal(ours.get(p + "k_proj.weight", torch.bfloat16), want_k.to(torch.bfloat16))
 
 
@@ -177,13 +177,7 @@ def test_ambiguous_shapes_are_resolved_by_amax_evidence(tmp_path):
     k, v = torch.randn(heads * dk, 32), torch.randn(heads * dv, 32)
     qk, sk, qv, sv = quantize_fused_kv(k, v, heads, (bm, 16))
     p = "model.layers.0.self_attn."
-    tensors = {
-        p + "k_proj.weight": qk,
-        p + "k_proj.weight_scale_inv": sk,
-        p + "v_proj.weight": qv,
-        p + "v_proj.weight_scale_inv": sv,
-    }
-    ckpt = FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path, tensors, config_for(dk, dv, (bm, 16)))))
+    ckpt = kv_checkpoint(tmp_path, p, (qk, sk, qv, sv), config_for(dk, dv, (bm, 16)))
     layout = ckpt.layout(p + "k_proj.weight")
     assert layout.kind == "fused_kv", layout.evidence
     want_k, _ = reference_fused(qk, sk, qv, sv, heads, dk, dv, bm, 16)
@@ -210,13 +204,7 @@ def test_fused_shape_with_contradicting_scales_is_refused(tmp_path):
     sv = sv.clone()
     sv[0] *= 2  # head 0's shared block no longer has one scale
     p = "model.layers.0.self_attn."
-    tensors = {
-        p + "k_proj.weight": qk,
-        p + "k_proj.weight_scale_inv": sk,
-        p + "v_proj.weight": qv,
-        p + "v_proj.weight_scale_inv": sv,
-    }
-    ckpt = FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path, tensors, config_for(dk, dv, block))))
+    ckpt = kv_checkpoint(tmp_path, p, (qk, sk, qv, sv), config_for(dk, dv, block))
     with pytest.raises(CheckpointError, match="share the K|V scale"):
         ckpt.get(p + "v_proj.weight")
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import with_native_fields
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import released_config, with_native_fields
 
 TINY_CORPUS = (
     "MiMo-V2-Flash is a mixture of experts language model with hybrid sliding window attention. "
@@ -26,44 +26,31 @@ TINY_CORPUS = (
 
 
 def tiny_config(**overrides: Any) -> dict[str, Any]:
-    """Hub-form config of a small MiMo-V2-Flash (native fields are added when the checkpoint is written)."""
-    cfg: dict[str, Any] = {
-        "architectures": ["MiMoV2FlashForCausalLM"],
-        "model_type": "mimo_v2_flash",
-        "vocab_size": 384,
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 1,
-        "swa_num_key_value_heads": 2,
-        "head_dim": 24,
-        "v_head_dim": 16,
-        "hybrid_layer_pattern": [0, 1, 1, 0],
-        "moe_layer_freq": [0, 1, 1, 1],
-        "sliding_window_size": 4,
-        "rope_theta": 5_000_000.0,
-        "swa_rope_theta": 10_000.0,
-        "partial_rotary_factor": 0.334,
-        "layernorm_epsilon": 1e-5,
-        "attention_value_scale": 0.707,
-        "add_full_attention_sink_bias": False,
-        "add_swa_attention_sink_bias": True,
-        "n_routed_experts": 4,
-        "num_experts_per_tok": 2,
-        "scoring_func": "sigmoid",
-        "topk_method": "noaux_tc",
-        "n_group": 1,
-        "topk_group": 1,
-        "norm_topk_prob": True,
-        "routed_scaling_factor": None,
-        "max_position_embeddings": 256,
-        "initializer_range": 0.1,
-        "tie_word_embeddings": False,
-        "hidden_act": "silu",
-        "torch_dtype": "float32",
-    }
+    """Hub-form config of a small MiMo-V2-Flash: the released architecture with tiny sizes.
+
+    Native fields are added when the checkpoint is written; ``overrides`` replace any field.
+    """
+    cfg = released_config()
+    cfg.update(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        swa_num_key_value_heads=2,
+        head_dim=24,
+        v_head_dim=16,
+        hybrid_layer_pattern=[0, 1, 1, 0],
+        moe_layer_freq=[0, 1, 1, 1],
+        sliding_window_size=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        torch_dtype="float32",
+    )
     cfg.update(overrides)
     return cfg
 
