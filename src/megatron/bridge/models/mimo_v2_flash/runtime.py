@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -18,6 +20,9 @@ def initialize_parallel_state(
 ) -> None:
     """Initialize torch.distributed and Megatron's model-parallel groups (idempotent for the same layout)."""
     apply_cpu_adaptations()
+    if not torch.distributed.is_initialized():
+        # A gloo group still alive at interpreter exit can abort the process after its work is done.
+        atexit.register(shutdown_parallel_state)
     init_single_process_group()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -31,3 +36,11 @@ def initialize_parallel_state(
     # Without CUDA there are no CUDA RNG states to track; the inference tracker keeps fork() a no-op.
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=cuda_absent())
     torch.manual_seed(seed)
+
+
+def shutdown_parallel_state() -> None:
+    """Tear down Megatron's groups and the default process group (registered to run at exit)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
