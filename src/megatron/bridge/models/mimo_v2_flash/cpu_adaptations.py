@@ -54,15 +54,51 @@ def apply_cpu_adaptations() -> bool:
     (``setup_embeddings_and_output_layer``) moves the embedding copy shared across pipeline stages (pipeline
     parallelism with MTP or tied embeddings) with ``weight.data.cuda()`` before its all-reduce, which raises
     without a driver; the CPU tensor is where the data already lives.
+
+    ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` -> a stream that orders nothing and its no-op context.
+    ``megatron/training/models/dist_utils.py`` (``_ddp_wrap``, every training run) wraps the model in DDP inside
+    ``with torch.cuda.stream(torch.cuda.Stream())`` after ``wait_stream(torch.cuda.current_stream())``; creating a
+    stream fails with "CUDA driver version is insufficient". CPU work runs in program order, so there is nothing
+    for a stream to order.
     """
     if not cuda_absent():
         return False
+    torch.cuda.Stream = _ProgramOrder
+    torch.cuda.current_stream = _ProgramOrder
+    torch.cuda.stream = _in_program_order
     torch.cuda.current_device = _cpu_current_device
     torch.cuda.get_rng_state = _empty_cuda_rng_state
     torch.cuda.set_rng_state = _restore_empty_cuda_rng_state
     torch.cuda.synchronize = _nothing_to_synchronize
     torch.Tensor.cuda = _stay_on_cpu
     return True
+
+
+class _ProgramOrder:
+    """Stands for a CUDA stream where there is none: CPU operations already run in program order."""
+
+    def __init__(self, device=None, priority: int = 0, **kwargs) -> None:
+        self.device = torch.device("cpu")
+
+    def wait_stream(self, stream) -> None:
+        return None
+
+    def wait_event(self, event) -> None:
+        return None
+
+    def record_event(self, event=None):
+        return event
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def _in_program_order(stream=None):
+    yield
 
 
 def _stay_on_cpu(self: torch.Tensor, device=None, non_blocking: bool = False, **kwargs) -> torch.Tensor:
@@ -133,3 +169,80 @@ def cuda_literals_on_cpu():
         return
     with _CudaLiteralsToCpu():
         yield
+
+
+def apply_cpu_training_settings(cfg) -> bool:
+    """Settings of a Megatron-Bridge ``ConfigContainer`` that let its training loop run without CUDA.
+
+    Configuration, not patches; applied only where CUDA is absent (returns whether they were):
+
+    * ``dist.distributed_backend = "gloo"``: NCCL needs GPUs (``training/initialize.py``
+      ``_initialize_distributed`` raises "Cannot initialize parallel groups with no CUDA devices").
+    * fp32 parameters, no ``bf16_mixed``: bf16 parameters on the CPU trip the optimizer's type checks
+      (``core/optimizer``: the fp32 main-parameter copy expects CUDA tensor types).
+    * ``optimizer.clip_grad = 0``: ``core/optimizer/clip_grads.py`` (``get_grad_norm_fp32``) asserts every
+      gradient is a ``torch.cuda.FloatTensor``.
+    * ``checkpoint.load_rng = False``: a checkpoint's CUDA RNG state cannot be restored without CUDA
+      (``training/checkpointing.py`` ``load_checkpoint`` calls ``torch.cuda.set_rng_state``).
+    * ``dataset.num_workers = 0``, ``pin_memory = False``, ``persistent_workers = False``: pinned host memory
+      needs a CUDA driver, and persistent workers need worker processes.
+    * ``model.use_cpu_initialization = True``: parameters are created on the CPU (``core/tensor_parallel``
+      would allocate them on ``torch.cuda.current_device()``).
+    """
+    if not cuda_absent():
+        return False
+    cfg.dist.distributed_backend = "gloo"
+    cfg.mixed_precision = None
+    cfg.model.bf16 = cfg.model.fp16 = cfg.optimizer.bf16 = cfg.optimizer.fp16 = False
+    cfg.model.params_dtype = cfg.model.pipeline_dtype = cfg.optimizer.params_dtype = torch.float32
+    cfg.optimizer.clip_grad = 0.0
+    cfg.checkpoint.load_rng = False
+    cfg.dataset.num_workers = 0
+    cfg.dataset.pin_memory = False
+    cfg.dataset.persistent_workers = False
+    cfg.model.use_cpu_initialization = True
+    return True
+
+
+@functools.cache
+def apply_cpu_training_adaptations() -> bool:
+    """The call sites of Megatron-Bridge's training set-up that require CUDA, adapted where it is absent.
+
+    ``megatron/bridge/training/setup.py`` calls ``initialize_megatron(cfg, ...)`` without ``allow_no_cuda``, and
+    ``training/initialize.py`` then asserts ``torch.cuda.is_available()`` ("Megatron requires CUDA"): the
+    setting exists but ``setup`` does not expose it, so ``setup``'s reference is rebound to pass
+    ``allow_no_cuda=True``.
+
+    ``training/initialize.py`` ``_warmup_jit_function`` (called by ``set_jit_fusion_options`` on every set-up)
+    warms the bias-GeLU / bias-dropout-add fusions on tensors created with ``device="cuda"``, which fails
+    without a driver; with fusions off (the provider's setting) there is nothing to warm, so it is skipped.
+
+    ``training/initialize.py`` ``_set_random_seed`` seeds Megatron-Core's model-parallel RNG tracker only when
+    ``torch.cuda.device_count() > 0``; model building then fails in ``tensor_parallel/random.py`` ``fork``
+    ("cuda rng state model-parallel-rng is not added"). After the upstream seeding, the tracker is set up the
+    way it works without CUDA: the inference tracker, whose ``fork`` keeps the CPU generator, seeded as
+    upstream seeded torch's.
+
+    Returns whether the adaptations were applied (only without CUDA; idempotent).
+    """
+    if not cuda_absent():
+        return False
+    from megatron.bridge.training import initialize, setup
+
+    upstream_initialize = setup.initialize_megatron
+    setup.initialize_megatron = functools.partial(upstream_initialize, allow_no_cuda=True)
+    initialize._warmup_jit_function = _no_fusions_to_warm_up
+    upstream_set_random_seed = initialize._set_random_seed
+
+    def set_random_seed_with_cpu_tracker(*args, **kwargs) -> None:
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        upstream_set_random_seed(*args, **kwargs)
+        model_parallel_cuda_manual_seed(torch.initial_seed(), inference_rng_tracker=True)
+
+    initialize._set_random_seed = set_random_seed_with_cpu_tracker
+    return True
+
+
+def _no_fusions_to_warm_up(model_config, micro_batch_size: int) -> None:
+    return None

@@ -44,3 +44,29 @@ def shutdown_parallel_state() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def use_prebuilt_dataset_helpers() -> None:
+    """Keep Megatron-Bridge's training set-up from rebuilding Megatron-Core's dataset helpers.
+
+    ``megatron/bridge/training/initialize.py`` ``initialize_megatron`` calls
+    ``megatron.core.datasets.utils.compile_helpers``, which runs ``make`` in the installed package; the
+    megatron-core wheel ships the built ``helpers_cpp`` extension but no Makefile, so ``make`` fails and the
+    job exits. Where the built extension imports, there is nothing to compile (with or without CUDA); a source
+    checkout without it still compiles.
+    """
+    import importlib.util
+
+    from megatron.bridge.training import initialize
+
+    if importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is not None:
+        initialize.compile_helpers = _helpers_already_built
+
+
+def _helpers_already_built() -> None:
+    return None
+
+
+def shutdown_at_exit() -> None:
+    """Tear down the process groups at interpreter exit (a live gloo group can abort the process there)."""
+    atexit.register(shutdown_parallel_state)

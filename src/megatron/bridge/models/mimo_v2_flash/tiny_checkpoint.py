@@ -24,6 +24,19 @@ TINY_CORPUS = (
     "User: hello! Assistant: hi, how can I help you today? "
 )
 
+# Chat markup of the MiMo release (<|im_start|>role ... <|im_end|>); the generation block marks the assistant
+# tokens that supervised fine-tuning trains on.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "<|im_start|>assistant\n{% generation %}{{ message['content'] }}<|im_end|>{% endgeneration %}\n"
+    "{% else %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 
 def tiny_config(**overrides: Any) -> dict[str, Any]:
     """Hub-form config of a small MiMo-V2-Flash: the released architecture with tiny sizes.
@@ -126,6 +139,7 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token=None
     )
+    fast.chat_template = TINY_CHAT_TEMPLATE
     fast.save_pretrained(str(directory))
 
 

@@ -1,0 +1,208 @@
+#!/usr/bin/env python
+"""Fine-tune MiMo-V2-Flash with Megatron-Bridge's training loop (full SFT or LoRA). Launch with finetune.sh.
+
+With no arguments it trains the built-in tiny model on the shipped chat dataset (data/tiny_sft.jsonl) for a
+few dozen steps on whatever this machine has (CPU: gloo and fp32; GPUs: NCCL, bf16 and TransformerEngine).
+
+Examples:
+  bash finetune.sh
+  bash finetune.sh --hf-model /ckpt/MiMo-V2-Flash --data chat.jsonl --output /runs/sft --tp 8 --ep 8
+  bash finetune.sh --megatron-path /ckpt/mimo_mcore --data chat.jsonl --peft lora --output /runs/lora
+  torchrun --no-python --nproc-per-node 2 finetune.sh --tp 2 train.log_interval=5
+
+Any Megatron-Bridge config key can be overridden after the flags in Hydra syntax (section.key=value), as with
+upstream recipes: train.*, model.*, optimizer.*, scheduler.*, checkpoint.*, logger.*, dataset.*, ...
+An --hf-model checkpoint is first imported through the bridge into OUTPUT/pretrained (once). Running again
+with the same --output resumes from its latest checkpoint. Export the result with
+  python convert_checkpoints.py export --hf-model HF_DIR --megatron-path OUTPUT --hf-path HF_OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mimo_v2_flash_overlay import quiet_framework_logs
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_DATA = HERE / "data" / "tiny_sft.jsonl"
+TORCHRUN_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--hf-model", type=Path, help="pretrained HF checkpoint (FP8 or BF16), imported on the fly")
+    source.add_argument("--megatron-path", type=Path, help="pretrained Megatron checkpoint (convert_checkpoints.py)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="JSONL: chat 'messages' or 'input'/'output'")
+    parser.add_argument("--tokenizer", type=Path, help="HF tokenizer directory (default: the checkpoint's)")
+    parser.add_argument("--output", type=Path, default=Path("mimo_v2_flash_finetune"), help="run directory")
+    parser.add_argument("--train-iters", type=int, default=None, help="optimizer steps (default 40; 100 with a model)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-6 SFT, 1e-4 LoRA)")
+    parser.add_argument("--micro-batch-size", type=int, default=None, help="sequences per micro batch (default 1)")
+    parser.add_argument("--global-batch-size", type=int, default=None, help="sequences per step (default 8)")
+    parser.add_argument("--seq-length", type=int, default=None, help="tokens per sequence (default 2048; tiny 64)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size")
+    parser.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
+    parser.add_argument("--peft", choices=["none", "lora"], default="none", help="full fine-tuning or LoRA")
+    parser.add_argument("--lora-dim", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (update scaled by alpha/rank)")
+    parser.add_argument("--mtp-loss-scale", type=float, default=0.1, help="MTP loss weight; 0 disables MTP training")
+    parser.add_argument(
+        "--router-bias-update-rate", type=float, default=0.0, help="noaux_tc expert-bias update rate (0: off)"
+    )
+    parser.add_argument("--moe-aux-loss-coeff", type=float, default=0.0, help="MoE load-balancing aux loss weight")
+    parser.add_argument("--moe-z-loss-coeff", type=float, default=None, help="MoE router z-loss weight")
+    parser.add_argument("--save-interval", type=int, default=None, help="checkpoint every N steps (default: at end)")
+    parser.add_argument("--seed", type=int, default=1234, help="random seed")
+    parser.add_argument("--nproc-per-node", type=int, default=1, help="processes finetune.sh starts (torchrun)")
+    return parser.parse_known_args(argv)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
+def _single_process_env() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key not in TORCHRUN_VARIABLES}
+
+
+def prepare_pretrained(args: argparse.Namespace, output: Path) -> tuple[Path, Path | None]:
+    """The Megatron checkpoint to start from and the HF directory it came from (rank 0 works, all wait)."""
+    import torch.distributed as dist
+
+    if args.megatron_path is not None:
+        return args.megatron_path.resolve(), None
+    hf_model = args.hf_model.resolve() if args.hf_model is not None else output / "tiny_hf"
+    pretrained = output / "pretrained"
+    if _rank() == 0:
+        if args.hf_model is None and not hf_model.is_dir():
+            from megatron.bridge.models.mimo_v2_flash.output_dirs import replace_directory, staging_dir
+            from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import write_tiny_checkpoint
+
+            staging = staging_dir(hf_model)
+            write_tiny_checkpoint(staging)
+            replace_directory(staging, hf_model)
+        if not pretrained.is_dir():
+            print(f"importing {hf_model} -> {pretrained}", flush=True)
+            dtype = "float32" if _cpu_only() else "bfloat16"
+            command = [sys.executable, str(HERE / "convert_checkpoints.py"), "import", "--hf-model", str(hf_model)]
+            command += ["--megatron-path", str(pretrained), "--dtype", dtype]
+            if subprocess.run(command, env=_single_process_env()).returncode:
+                raise SystemExit(2)
+    dist.barrier()
+    return pretrained, hf_model
+
+
+def _cpu_only() -> bool:
+    from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import cuda_absent
+
+    return cuda_absent()
+
+
+def find_tokenizer(args: argparse.Namespace, pretrained: Path, hf_model: Path | None) -> Path:
+    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
+    from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import latest_iteration_dir
+
+    if args.tokenizer is not None:
+        candidates = [args.tokenizer]
+    else:
+        candidates = [hf_model] if hf_model is not None else []
+        candidates.append(latest_iteration_dir(pretrained) / "tokenizer")
+    for candidate in candidates:
+        if candidate is not None and any(candidate.glob("tokenizer*")):
+            return candidate.resolve()
+    raise CheckpointError(f"no HF tokenizer in {', '.join(map(str, candidates))}; pass --tokenizer DIR")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    unknown = [item for item in overrides if "=" not in item or item.startswith("-")]
+    if unknown:
+        print(f"finetune: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
+        return 2
+    quiet_framework_logs()
+    from megatron.bridge.training.finetune import finetune
+    from megatron.bridge.training.gpt_step import forward_step
+    from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
+
+    from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import (
+        apply_cpu_adaptations,
+        apply_cpu_training_adaptations,
+        cuda_literals_on_cpu,
+        init_single_process_group,
+    )
+    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import mimo_v2_flash_finetune_config
+    from megatron.bridge.models.mimo_v2_flash.runtime import shutdown_at_exit, use_prebuilt_dataset_helpers
+    from megatron.bridge.models.mimo_v2_flash.sft_data import stage_sft_data
+
+    apply_cpu_adaptations()
+    apply_cpu_training_adaptations()
+    use_prebuilt_dataset_helpers()
+    init_single_process_group()
+    shutdown_at_exit()
+    output = args.output.resolve()
+    tiny = args.hf_model is None and args.megatron_path is None
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        pretrained, hf_model = prepare_pretrained(args, output)
+        tokenizer = find_tokenizer(args, pretrained, hf_model)
+        dataset_root, data_format = stage_sft_data(args.data, output / "data" / f"rank{_rank()}")
+        cfg = mimo_v2_flash_finetune_config(
+            pretrained_checkpoint=pretrained,
+            dataset_root=dataset_root,
+            data_format=data_format,
+            tokenizer=tokenizer,
+            output_dir=output,
+            peft=args.peft,
+            train_iters=args.train_iters or (40 if tiny else 100),
+            lr=args.lr if args.lr is not None else (3e-3 if tiny else None),
+            micro_batch_size=args.micro_batch_size or 1,
+            global_batch_size=args.global_batch_size or 8,
+            seq_length=args.seq_length or (64 if tiny else 2048),
+            tp=args.tp,
+            pp=args.pp,
+            ep=args.ep,
+            etp=args.etp,
+            mtp_loss_scale=args.mtp_loss_scale,
+            save_interval=args.save_interval,
+            router_bias_update_rate=args.router_bias_update_rate,
+            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+            moe_z_loss_coeff=args.moe_z_loss_coeff,
+            lora_dim=args.lora_dim,
+            lora_alpha=args.lora_alpha,
+            seed=args.seed,
+        )
+    except CheckpointError as error:
+        print(f"finetune: {error}", file=sys.stderr)
+        return 2
+    if overrides:
+        process_config_with_overrides(cfg, cli_overrides=overrides)
+    with cuda_literals_on_cpu():
+        finetune(cfg, forward_step)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
