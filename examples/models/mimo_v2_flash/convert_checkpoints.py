@@ -61,6 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     exp.add_argument(
         "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weight dtype (default bfloat16)"
     )
+    exp.add_argument(
+        "--adapter-path",
+        type=Path,
+        default=None,
+        help="LoRA runs only: also write the adapters alone here as a PEFT adapter in HF naming "
+        "(the main output is always the merged model)",
+    )
     exp.add_argument("--max-shard-gb", type=float, default=5.0, help="maximum shard size in GB (default 5)")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
@@ -105,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype,
                 overwrite=args.overwrite,
                 max_shard_gb=args.max_shard_gb,
+                adapter_out=args.adapter_path,
             )
             action, target = "exported", args.hf_path
     except (CheckpointError, MiMoV2FlashConfigError) as error:

@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import (
         apply_cpu_adaptations,
         apply_cpu_training_adaptations,
+        apply_peft_adaptations_without_te,
         cuda_literals_on_cpu,
         init_single_process_group,
     )
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     apply_cpu_adaptations()
     apply_cpu_training_adaptations()
+    apply_peft_adaptations_without_te()
     use_prebuilt_dataset_helpers()
     init_single_process_group()
     shutdown_at_exit()

@@ -93,19 +93,42 @@ def export_checkpoint(
     dtype: torch.dtype,
     overwrite: bool = False,
     max_shard_gb: float = 5.0,
+    adapter_out: Path | None = None,
 ) -> dict:
     """Megatron checkpoint (or a fine-tuning output dir) -> HF shards in hub layout, config and tokenizer.
 
-    Streams one layer at a time from the checkpoint (any saved layout) into bounded-size shards.
+    Streams one layer at a time from the checkpoint (any saved layout) into bounded-size shards. The output of a
+    LoRA run is exported merged (its base checkpoint plus the adapters); ``adapter_out`` additionally receives
+    the adapters alone as a PEFT adapter in HF naming.
     """
     from megatron.bridge.models.mimo_v2_flash.checkpoint_validation import expected_tensors
     from megatron.bridge.models.mimo_v2_flash.hf_export import write_hf_checkpoint
     from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import iter_hf_weights, latest_iteration_dir
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import mimo_v2_flash_mapping_registry
 
+    from megatron.bridge.models.mimo_v2_flash.lora_checkpoint import (
+        LoraAdapters,
+        find_lora_run,
+        peft_adapter_config,
+        peft_tensor_names,
+    )
+
     check_output_dir(hf_out, overwrite)
+    if adapter_out is not None:
+        check_output_dir(adapter_out, overwrite)
     arch, mtp_layers = validate_checkpoint(HFCheckpoint(hf_dir))
     latest_iteration_dir(megatron_path)
+    lora_run = find_lora_run(megatron_path)
+    if adapter_out is not None and lora_run is None:
+        raise CheckpointError(f"{megatron_path}: not a LoRA run, there is no adapter to export")
+    adapters = LoraAdapters(lora_run) if lora_run is not None else None
+    peft_tensors: dict[str, torch.Tensor] = {}
+    peft_modules: set[str] = set()
+
+    def collect_adapter(hf_name: str, a: torch.Tensor, b_rows: torch.Tensor) -> None:
+        a_name, b_name = peft_tensor_names(hf_name)
+        peft_tensors[a_name], peft_tensors[b_name] = a.to(dtype, copy=True), b_rows.to(dtype, copy=True).contiguous()
+        peft_modules.add(hf_name.removesuffix(".weight").rsplit(".", 1)[-1])
     expected = set(expected_tensors(arch, mtp_layers))
     bar = tqdm(total=len(expected), unit="tensor", desc="export", disable=not is_rank0(), mininterval=1.0)
     moved = {"bytes": 0}
@@ -127,10 +150,27 @@ def export_checkpoint(
                 f"(missing {missing[:3]}, unexpected {extra[:3]})"
             )
 
-    weights = checked(iter_hf_weights(megatron_path, mimo_v2_flash_mapping_registry()))
+    source = lora_run.base_checkpoint if lora_run is not None else megatron_path
+    sink = collect_adapter if adapter_out is not None else None
+    weights = checked(iter_hf_weights(source, mimo_v2_flash_mapping_registry(), lora=adapters, adapter_sink=sink))
     summary = write_hf_checkpoint(weights, hf_dir, hf_out, dtype, int(max_shard_gb * GB), progress=progress)
     bar.close()
+    if adapter_out is not None:
+        write_peft_adapter(peft_tensors, peft_adapter_config(lora_run, sorted(peft_modules), str(hf_dir)), adapter_out)
     return summary
+
+
+def write_peft_adapter(tensors: dict[str, torch.Tensor], config: dict, adapter_out: Path) -> None:
+    """``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT's layout), written atomically."""
+    import json
+
+    from safetensors.torch import save_file
+
+    staged = staging_dir(adapter_out)
+    staged.mkdir(parents=True)
+    save_file(tensors, str(staged / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (staged / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    replace_directory(staged, adapter_out)
 
 
 def inspect_fp8(hf_dir: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""Everything that lets Megatron-Core / Megatron-Bridge code run where CUDA is absent, in one place.
+"""Everything that lets Megatron-Core / Megatron-Bridge code run where CUDA (or TransformerEngine) is absent.
 
 Nothing here does anything when CUDA is available. Configuration settings are preferred and live on the
 provider (local attention backend, fusions off, ``moe_token_dispatcher_type="allgather"``,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 
 import torch
@@ -246,3 +247,29 @@ def apply_cpu_training_adaptations() -> bool:
 
 def _no_fusions_to_warm_up(model_config, micro_batch_size: int) -> None:
     return None
+
+
+def transformer_engine_absent() -> bool:
+    """True where TransformerEngine is not installed (Megatron-Core then puts placeholders in its TE classes)."""
+    return importlib.util.find_spec("transformer_engine") is None
+
+
+@functools.cache
+def apply_peft_adaptations_without_te() -> bool:
+    """Megatron-Bridge's LoRA without TransformerEngine: its TE checks must say False.
+
+    ``megatron/core/extensions/transformer_engine.py`` defines placeholder (mock) TE classes when TE is
+    missing, so ``megatron/bridge/peft/utils.py`` and ``peft/module_matcher.py`` import them "successfully" and
+    set ``HAVE_TE = True``; ``get_adapter_attributes_from_linear`` then calls ``isinstance`` with a mock (or
+    ``None``) and fails with "isinstance() arg 2 must be a type". The flags are set to what is true: no TE.
+
+    Returns whether the adaptation was applied (only without TransformerEngine; idempotent).
+    """
+    if not transformer_engine_absent():
+        return False
+    from megatron.bridge.peft import module_matcher, utils
+
+    utils.HAVE_TE = False
+    module_matcher.HAVE_TE = False
+    module_matcher.HAVE_TE_COL_LINEAR = module_matcher.HAVE_TE_LN_COL_LINEAR = module_matcher.HAVE_TE_ROW_LINEAR = False
+    return True

@@ -110,12 +110,19 @@ def _group_of(name: str, key: str) -> str:
     return "other"
 
 
-def iter_hf_weights(path: str | Path, mapping_registry):
+def iter_hf_weights(path: str | Path, mapping_registry, lora=None, adapter_sink=None):
     """Stream ``(hf_name, tensor)`` from a Megatron checkpoint one layer at a time (single process).
 
     The model is built on the meta device; each layer's slice of the distributed checkpoint is loaded into
     freshly allocated CPU tensors, mapped to HF names with the bridge's mappings, yielded and freed. Memory holds
     one layer, whatever layout the checkpoint was saved at.
+
+    Args:
+        path: Megatron checkpoint (or training output directory) with the weights.
+        mapping_registry: The bridge's Megatron <-> HF mappings.
+        lora: ``LoraAdapters`` of a LoRA run whose base is ``path``: each adapted weight is yielded merged.
+        adapter_sink: Called with ``(hf_name, A, B_rows)`` for each HF weight that has an adapter (the HF
+            modules cut from one fused Megatron module share its ``A``).
     """
     from megatron.bridge.training.model_load_save import load_model_config
     from megatron.core import dist_checkpointing
@@ -158,7 +165,14 @@ def iter_hf_weights(path: str | Path, mapping_registry):
             if mapping is None:
                 continue
             module = model.get_submodule(name.rsplit(".", 1)[0])
-            yield from mapping.megatron_to_hf(loaded[name], module).items()
+            weight = loaded[name]
+            if lora is not None:
+                factors = lora.factors(name)
+                if factors is not None and adapter_sink is not None:
+                    for hf_name, b_rows in mapping.megatron_to_hf(factors[1], module).items():
+                        adapter_sink(hf_name, factors[0], b_rows)
+                weight = lora.merged(name, weight)
+            yield from mapping.megatron_to_hf(weight, module).items()
         for name in groups[group]:  # give the group's memory back before the next load
             sharded[name].data = torch.empty(sharded[name].data.shape, dtype=sharded[name].data.dtype, device="meta")
         del loaded, subset
