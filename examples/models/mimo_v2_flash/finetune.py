@@ -114,6 +114,18 @@ def prepare_pretrained(args: argparse.Namespace, output: Path) -> tuple[Path, Pa
     return pretrained, hf_model
 
 
+def prepare_data(data: Path, dataset_root: Path) -> tuple[Path, str]:
+    """Rank 0 checks and links the data file (Megatron-Bridge indexes it there); the others then use it."""
+    import torch.distributed as dist
+
+    from megatron.bridge.models.mimo_v2_flash.sft_data import stage_sft_data
+
+    if _rank() == 0:
+        staged = stage_sft_data(data, dataset_root)
+    dist.barrier()
+    return staged if _rank() == 0 else stage_sft_data(data, dataset_root)
+
+
 def _cpu_only() -> bool:
     from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import cuda_absent
 
@@ -154,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         init_single_process_group,
     )
     from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import mimo_v2_flash_finetune_config
     from megatron.bridge.models.mimo_v2_flash.runtime import shutdown_at_exit, use_prebuilt_dataset_helpers
-    from megatron.bridge.models.mimo_v2_flash.sft_data import stage_sft_data
 
     apply_cpu_adaptations()
     apply_cpu_training_adaptations()
@@ -170,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         output.mkdir(parents=True, exist_ok=True)
         pretrained, hf_model = prepare_pretrained(args, output)
         tokenizer = find_tokenizer(args, pretrained, hf_model)
-        dataset_root, data_format = stage_sft_data(args.data, output / "data" / f"rank{_rank()}")
+        dataset_root, data_format = prepare_data(args.data, output / "data")
         cfg = mimo_v2_flash_finetune_config(
             pretrained_checkpoint=pretrained,
             dataset_root=dataset_root,
@@ -196,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             lora_alpha=args.lora_alpha,
             seed=args.seed,
         )
-    except CheckpointError as error:
+    except (CheckpointError, MiMoV2FlashConfigError) as error:
         print(f"finetune: {error}", file=sys.stderr)
         return 2
     if overrides:

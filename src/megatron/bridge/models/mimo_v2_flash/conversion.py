@@ -103,15 +103,14 @@ def export_checkpoint(
     """
     from megatron.bridge.models.mimo_v2_flash.checkpoint_validation import expected_tensors
     from megatron.bridge.models.mimo_v2_flash.hf_export import write_hf_checkpoint
-    from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import iter_hf_weights, latest_iteration_dir
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import mimo_v2_flash_mapping_registry
-
     from megatron.bridge.models.mimo_v2_flash.lora_checkpoint import (
         LoraAdapters,
         find_lora_run,
         peft_adapter_config,
         peft_tensor_names,
     )
+    from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import iter_hf_weights, latest_iteration_dir
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import mimo_v2_flash_mapping_registry
 
     check_output_dir(hf_out, overwrite)
     if adapter_out is not None:
@@ -129,6 +128,7 @@ def export_checkpoint(
         a_name, b_name = peft_tensor_names(hf_name)
         peft_tensors[a_name], peft_tensors[b_name] = a.to(dtype, copy=True), b_rows.to(dtype, copy=True).contiguous()
         peft_modules.add(hf_name.removesuffix(".weight").rsplit(".", 1)[-1])
+
     expected = set(expected_tensors(arch, mtp_layers))
     bar = tqdm(total=len(expected), unit="tensor", desc="export", disable=not is_rank0(), mininterval=1.0)
     moved = {"bytes": 0}

@@ -271,5 +271,7 @@ def apply_peft_adaptations_without_te() -> bool:
 
     utils.HAVE_TE = False
     module_matcher.HAVE_TE = False
-    module_matcher.HAVE_TE_COL_LINEAR = module_matcher.HAVE_TE_LN_COL_LINEAR = module_matcher.HAVE_TE_ROW_LINEAR = False
+    module_matcher.HAVE_TE_COL_LINEAR = module_matcher.HAVE_TE_LN_COL_LINEAR = module_matcher.HAVE_TE_ROW_LINEAR = (
+        False
+    )
     return True
