@@ -140,3 +140,34 @@ def peft_adapter_config(run: LoraRun, target_modules: list[str], base_model: str
         "target_modules": sorted(target_modules),
         "inference_mode": True,
     }
+
+
+def apply_lora_adapters(chunks: list[torch.nn.Module], run: LoraRun) -> list[torch.nn.Module]:
+    """Wrap a loaded base model with the run's LoRA adapters (as Megatron-Bridge trains them) and load them.
+
+    The result computes what the LoRA run's model computes: base linears plus unmerged adapters.
+    """
+    from megatron.bridge.peft.lora import LoRA
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
+    from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import apply_peft_adaptations_without_te
+
+    apply_peft_adaptations_without_te()
+    lora = LoRA(target_modules=list(run.target_modules), dim=run.dim, alpha=run.alpha, dropout=0.0)
+    chunks = lora(chunks, training=False)
+    for chunk in chunks:
+        sharded = {
+            name: item
+            for name, item in chunk.sharded_state_dict().items()
+            if ".adapter." in name and "_extra_state" not in name
+        }
+        loaded = dist_checkpointing.load(
+            sharded, str(run.adapter_dir), TorchDistLoadShardedStrategy(), validate_access_integrity=False
+        )
+        adapter_params = {name for name in chunk.state_dict() if ".adapter." in name and "_extra_state" not in name}
+        missing = adapter_params - set(loaded)
+        if missing:
+            raise CheckpointError(f"{run.adapter_dir}: adapter weights missing, e.g. {sorted(missing)[:2]}")
+        chunk.load_state_dict({name: loaded[name] for name in adapter_params}, strict=False)
+    return chunks

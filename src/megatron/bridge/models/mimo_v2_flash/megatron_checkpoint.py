@@ -71,10 +71,16 @@ def load_megatron_checkpoint(
     etp: int | None = None,
     vp: int | None = None,
 ):
-    """Load the latest weights under ``path`` at the given parallel layout; optionally cast to ``dtype``."""
+    """Load the latest weights under ``path`` at the given parallel layout; optionally cast to ``dtype``.
+
+    A LoRA fine-tuning output loads as its base checkpoint with the trained adapters applied (unmerged).
+    """
     from megatron.bridge.training.model_load_save import load_megatron_model
 
-    directory = latest_iteration_dir(path)
+    from megatron.bridge.models.mimo_v2_flash.lora_checkpoint import apply_lora_adapters, find_lora_run
+
+    lora_run = find_lora_run(path)
+    directory = latest_iteration_dir(lora_run.base_checkpoint if lora_run is not None else path)
     overrides = {
         "tensor_model_parallel_size": tp,
         "pipeline_model_parallel_size": pp,
@@ -92,6 +98,8 @@ def load_megatron_checkpoint(
         mp_overrides=overrides,
     )
     chunks = models if isinstance(models, list) else [models]
+    if lora_run is not None:
+        chunks = apply_lora_adapters(chunks, lora_run)
     for index, chunk in enumerate(chunks):
         chunks[index] = (chunk.to(dtype) if dtype is not None else chunk).eval()
     return chunks[0] if len(chunks) == 1 else chunks
