@@ -149,6 +149,8 @@ def export_checkpoint(
                 f"{megatron_path}: checkpoint does not match {hf_dir / 'config.json'} "
                 f"(missing {missing[:3]}, unexpected {extra[:3]})"
             )
+        if adapters is not None and adapters.unused():
+            raise CheckpointError(f"{megatron_path}: LoRA adapters with no base weight: {adapters.unused()[:3]}")
 
     source = lora_run.base_checkpoint if lora_run is not None else megatron_path
     sink = collect_adapter if adapter_out is not None else None

@@ -62,16 +62,18 @@ def find_lora_run(megatron_path: str | Path) -> LoraRun | None:
     )
 
 
-def adapter_key(param_name: str) -> tuple[str, int | None] | None:
-    """Checkpoint key prefix of the adapter of a Megatron weight, and the expert index for routed experts."""
-    if not param_name.endswith(".weight"):
+def adapter_key(param_name: str, checkpoint_key: str) -> tuple[str, int | None] | None:
+    """Checkpoint key prefix of the adapter of a Megatron weight, and the expert index for routed experts.
+
+    Checkpoint keys, not module paths, name the adapters (an MTP layer's ``mtp_model_layer`` is saved as
+    ``transformer_layer``); routed experts' adapters are stacked along a leading expert axis.
+    """
+    if not checkpoint_key.endswith(".weight"):
         return None
-    module = param_name.removesuffix(".weight")
-    if ".local_experts." in module:
-        prefix, rest = module.split(".local_experts.", 1)
-        index, linear = rest.split(".", 1)
-        return f"{prefix}.experts.{linear}.adapter", int(index)
-    return f"{module}.adapter", None
+    prefix = checkpoint_key.removesuffix(".weight") + ".adapter"
+    if ".local_experts." in param_name:
+        return prefix, int(param_name.split(".local_experts.", 1)[1].split(".", 1)[0])
+    return prefix, None
 
 
 class LoraAdapters:
@@ -83,6 +85,13 @@ class LoraAdapters:
         self.run = run
         self.reader = FileSystemReader(str(run.adapter_dir))
         self.metadata = self.reader.read_metadata().state_dict_metadata
+        self.used: set[str] = set()
+
+    def unused(self) -> list[str]:
+        """Adapters in the checkpoint that no base weight asked for (a merge that would silently drop them)."""
+        suffix = ".linear_in.weight"
+        prefixes = {key.removesuffix(suffix) for key in self.metadata if key.endswith(".adapter" + suffix)}
+        return sorted(prefix for prefix in prefixes if not prefix.startswith("optimizer.") and prefix not in self.used)
 
     @functools.lru_cache(maxsize=4)  # noqa: B019 - one instance per export; keeps a layer's fc1/fc2 stacks
     def _load(self, key: str) -> torch.Tensor:
@@ -93,21 +102,22 @@ class LoraAdapters:
         dcp.load(state, storage_reader=self.reader, no_dist=True)
         return state[key]
 
-    def factors(self, param_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def factors(self, param_name: str, checkpoint_key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(A [r, in], B [out, r])`` of the adapter on ``param_name``, or None if it has none."""
-        located = adapter_key(param_name)
+        located = adapter_key(param_name, checkpoint_key)
         if located is None:
             return None
         prefix, expert = located
         a_key, b_key = f"{prefix}.linear_in.weight", f"{prefix}.linear_out.weight"
         if a_key not in self.metadata or b_key not in self.metadata:
             return None
+        self.used.add(prefix)
         a, b = self._load(a_key), self._load(b_key)
         return (a[expert], b[expert]) if expert is not None else (a, b)
 
-    def merged(self, param_name: str, base: torch.Tensor) -> torch.Tensor:
+    def merged(self, param_name: str, checkpoint_key: str, base: torch.Tensor) -> torch.Tensor:
         """``base + alpha / dim * B @ A`` computed in fp32, in the base's dtype (``base`` if not adapted)."""
-        found = self.factors(param_name)
+        found = self.factors(param_name, checkpoint_key)
         if found is None:
             return base
         a, b = found

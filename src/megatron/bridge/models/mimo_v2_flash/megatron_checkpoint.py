@@ -175,11 +175,11 @@ def iter_hf_weights(path: str | Path, mapping_registry, lora=None, adapter_sink=
             module = model.get_submodule(name.rsplit(".", 1)[0])
             weight = loaded[name]
             if lora is not None:
-                factors = lora.factors(name)
+                factors = lora.factors(name, sharded[name].key)
                 if factors is not None and adapter_sink is not None:
                     for hf_name, b_rows in mapping.megatron_to_hf(factors[1], module).items():
                         adapter_sink(hf_name, factors[0], b_rows)
-                weight = lora.merged(name, weight)
+                weight = lora.merged(name, sharded[name].key, weight)
             yield from mapping.megatron_to_hf(weight, module).items()
         for name in groups[group]:  # give the group's memory back before the next load
             sharded[name].data = torch.empty(sharded[name].data.shape, dtype=sharded[name].data.dtype, device="meta")

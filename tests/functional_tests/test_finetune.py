@@ -1,0 +1,230 @@
+"""finetune.sh end to end on CPU: FP8 HF -> import -> fine-tune -> export -> transformers agrees; resume; LoRA.
+
+Each run is a real ``bash finetune.sh`` (torchrun, Megatron-Bridge's training loop, gloo). The oracles are
+transformers' native model (on the exported weights) and, for LoRA, Megatron-Bridge's own unmerged adapter
+forward and the PEFT library.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import write_fp8_checkpoint, write_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples/models/mimo_v2_flash"
+ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| lm loss: (\S+) \| mtp_1 loss: (\S+) \|")
+TRAIN_FLAGS = ["--seq-length", "64", "--global-batch-size", "4", "--lr", "3e-3"]
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def finetune(*args: str | Path) -> str:
+    """Run ``bash finetune.sh ARGS``; returns its output (fails the test with the output's tail if it fails)."""
+    command = ["bash", str(EXAMPLES / "finetune.sh"), *map(str, args)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    return output
+
+
+def losses(log: str) -> dict[int, tuple[str, str]]:
+    """``{iteration: (lm loss, mtp loss)}`` as printed by Megatron-Bridge's training log."""
+    return {int(m.group(1)): (m.group(2), m.group(3)) for m in ITERATION.finditer(log)}
+
+
+def model_tensors(iteration_dir: Path) -> dict[str, torch.Tensor]:
+    """Every model tensor of a Megatron torch_dist checkpoint (no optimizer state)."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(iteration_dir))
+    metadata = reader.read_metadata().state_dict_metadata
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.items()
+        if not key.startswith("optimizer.") and "_extra_state" not in key and hasattr(meta, "size")
+    }
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return state
+
+
+def hf_state(directory: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for shard in directory.glob("*.safetensors"):
+        state.update(load_file(str(shard)))
+    return state
+
+
+@pytest.fixture(scope="module")
+def fp8_hf(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("finetune")
+    return write_fp8_checkpoint(write_tiny_checkpoint(root / "hf"), root / "hf_fp8")
+
+
+@pytest.fixture(scope="module")
+def sft_run(fp8_hf, tmp_path_factory) -> tuple[Path, str]:
+    """Full fine-tuning from the FP8 HF checkpoint (imported on the fly), 6 steps, checkpoints at 3 and 6."""
+    output = tmp_path_factory.mktemp("sft") / "run"
+    log = finetune("--hf-model", fp8_hf, "--output", output, "--train-iters", 6, "--save-interval", 3, *TRAIN_FLAGS)
+    return output, log
+
+
+def test_sft_trains_lm_and_mtp(sft_run):
+    output, log = sft_run
+    steps = losses(log)
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    first, last = steps[1], steps[6]
+    assert float(last[0]) < float(first[0]) - 0.5, steps  # lm loss
+    assert float(last[1]) < float(first[1]) - 0.5, steps  # MTP loss
+    assert (output / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+
+
+def test_sft_changes_every_trainable_parameter(sft_run):
+    output, _ = sft_run
+    before = model_tensors(output / "pretrained" / "iter_0000000")
+    after = model_tensors(output / "iter_0000006")
+    assert set(before) == set(after)
+    buffers = [name for name in before if name.endswith("expert_bias") or "local_tokens_per_expert" in name]
+    parameters = [name for name in before if name not in buffers]
+    unchanged = [name for name in parameters if torch.equal(before[name], after[name])]
+    assert not unchanged
+    for kind in ("softmax_offset", "mlp.router.weight", "mtp.layers.0.", "embedding", "output_layer"):
+        assert any(kind in name for name in parameters), kind
+    # the aux-loss-free bias update is off by default: the router bias stays as loaded
+    assert buffers and all(torch.equal(before[name], after[name]) for name in buffers if "expert_bias" in name)
+
+
+def test_sft_export_matches_transformers(sft_run, fp8_hf, tmp_path):
+    output, _ = sft_run
+    exported = tmp_path / "hf_out"
+    convert = _cli("convert_checkpoints")
+    assert convert(["export", "--hf-model", str(fp8_hf), "--megatron-path", str(output), "--hf-path", str(exported),
+                    "--dtype", "float32"]) == 0  # fmt: skip
+    compare = _cli("compare_logits")
+    assert compare(["--hf-model", str(exported), "--megatron-path", str(output), "--tolerance", "1e-4"]) == 0
+
+
+def test_resume_continues_exactly(sft_run, fp8_hf, tmp_path):
+    output, log = sft_run
+    resumed = tmp_path / "run"
+    shutil.copytree(output, resumed, symlinks=True)
+    shutil.rmtree(resumed / "iter_0000006")
+    # what a run stopped after its step-3 checkpoint leaves behind
+    (resumed / "latest_checkpointed_iteration.txt").write_text("3")
+    shutil.copy2(resumed / "iter_0000003" / "train_state.pt", resumed / "latest_train_state.pt")
+    log_resumed = finetune(
+        "--hf-model", fp8_hf, "--output", resumed, "--train-iters", 6, "--save-interval", 3, *TRAIN_FLAGS
+    )
+    assert "Starting training loop at iteration 3" in log_resumed
+    assert losses(log_resumed) == {step: value for step, value in losses(log).items() if step > 3}
+    final, final_resumed = model_tensors(output / "iter_0000006"), model_tensors(resumed / "iter_0000006")
+    assert all(torch.equal(final[name], final_resumed[name]) for name in final)
+
+
+@pytest.fixture(scope="module")
+def lora_run(sft_run, fp8_hf, tmp_path_factory) -> tuple[Path, str]:
+    """LoRA from the imported base checkpoint of the SFT run."""
+    base = sft_run[0] / "pretrained"
+    output = tmp_path_factory.mktemp("lora") / "run"
+    log = finetune(
+        "--megatron-path", base, "--tokenizer", fp8_hf, "--output", output, "--peft", "lora",
+        "--train-iters", 5, *TRAIN_FLAGS[:-2], "--lr", "1e-2",
+    )  # fmt: skip
+    return output, log
+
+
+def test_lora_trains_adapters_only(lora_run):
+    output, log = lora_run
+    steps = losses(log)
+    assert float(steps[5][0]) < float(steps[1][0]) - 0.5, steps
+    saved = model_tensors(output / "iter_0000005")
+    assert saved and all(".adapter." in name for name in saved)  # the frozen base is not even saved
+    targets = {name.split(".adapter.")[0].rsplit(".", 1)[-1] for name in saved}
+    assert targets == {"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"}
+    assert any(".experts." in name for name in saved) and any(name.startswith("mtp.") for name in saved)
+
+
+@pytest.fixture(scope="module")
+def lora_exports(lora_run, fp8_hf, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """The LoRA run exported merged (with its PEFT adapter), and its base checkpoint exported alone."""
+    output, _ = lora_run
+    root = tmp_path_factory.mktemp("lora_export")
+    merged, adapter, base = root / "merged", root / "adapter", root / "base"
+    convert = _cli("convert_checkpoints")
+    assert convert(["export", "--hf-model", str(fp8_hf), "--megatron-path", str(output), "--hf-path", str(merged),
+                    "--dtype", "float32", "--adapter-path", str(adapter)]) == 0  # fmt: skip
+    run_config = (output / "iter_0000005" / "run_config.yaml").read_text()
+    base_dir = re.search(r"pretrained_checkpoint: (\S+)", run_config).group(1)
+    assert convert(["export", "--hf-model", str(fp8_hf), "--megatron-path", base_dir, "--hf-path", str(base),
+                    "--dtype", "float32"]) == 0  # fmt: skip
+    return merged, adapter, base
+
+
+def test_lora_merged_export_matches_megatron_adapters(lora_run, lora_exports):
+    """transformers on the merged export == Megatron-Bridge's LoRA model (adapters unmerged); the base differs."""
+    output, _ = lora_run
+    merged, _, base = lora_exports
+    compare = _cli("compare_logits")
+    assert compare(["--hf-model", str(merged), "--megatron-path", str(output), "--tolerance", "1e-4"]) == 0
+    assert compare(["--hf-model", str(base), "--megatron-path", str(output), "--tolerance", "1e-4"]) == 1
+
+
+def test_lora_merged_equals_base_plus_adapter(lora_exports):
+    merged, adapter, base = lora_exports
+    base_state, merged_state = hf_state(base), hf_state(merged)
+    factors = load_file(str(adapter / "adapter_model.safetensors"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    adapted = 0
+    for name, weight in merged_state.items():
+        module = "base_model.model." + name.removesuffix(".weight")
+        if f"{module}.lora_A.weight" in factors:
+            delta = factors[f"{module}.lora_B.weight"] @ factors[f"{module}.lora_A.weight"]
+            torch.testing.assert_close(weight, base_state[name] + scale * delta, rtol=0, atol=1e-6)
+            assert not torch.equal(weight, base_state[name]), name
+            adapted += 1
+        else:
+            assert torch.equal(weight, base_state[name]), name  # norms, router, sinks, embeddings: frozen
+    assert adapted == len(factors) // 2
+    assert any(".experts.3.down_proj" in name for name in factors)
+    assert any(name.startswith("base_model.model.model.mtp.") for name in factors)
+    expected_targets = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(config["target_modules"]) == expected_targets
+
+
+def test_lora_adapter_loads_in_peft(lora_exports):
+    """The PEFT library applies the adapter to transformers' model of the base and merges it as we do.
+
+    transformers fuses routed experts into one parameter, so PEFT there covers attention and dense MLPs; the
+    experts' adapters are checked against the merged export above.
+    """
+    import peft
+    from transformers import MiMoV2FlashForCausalLM
+
+    merged, adapter, base = lora_exports
+    model = MiMoV2FlashForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(model, str(adapter))
+    wrapped = [name for name, module in peft_model.named_modules() if hasattr(module, "lora_A")]
+    kinds = {name.rsplit(".", 1)[-1] for name in wrapped}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    peft_merged = peft_model.merge_and_unload().state_dict()
+    ours = hf_state(merged)
+    for name in wrapped:
+        key = name.removeprefix("base_model.model.") + ".weight"
+        torch.testing.assert_close(peft_merged[key], ours[key], rtol=0, atol=1e-6)
