@@ -35,10 +35,14 @@ def _cli(name: str):
     return module.main
 
 
-def finetune(*args: str | Path) -> str:
-    """Run ``bash finetune.sh ARGS``; returns its output (fails the test with the output's tail if it fails)."""
+def run_finetune(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
     command = ["bash", str(EXAMPLES / "finetune.sh"), *map(str, args)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=cwd)
+
+
+def finetune(*args: str | Path, cwd: Path | None = None) -> str:
+    """Run ``bash finetune.sh ARGS``; returns its output (fails the test with the output's tail if it fails)."""
+    done = run_finetune(*args, cwd=cwd)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     return output
@@ -135,6 +139,51 @@ def test_resume_continues_exactly(sft_run, fp8_hf, tmp_path):
     assert losses(log_resumed) == {step: value for step, value in losses(log).items() if step > 3}
     final, final_resumed = model_tensors(output / "iter_0000006"), model_tensors(resumed / "iter_0000006")
     assert all(torch.equal(final[name], final_resumed[name]) for name in final)
+
+
+def test_router_bias_update_and_config_overrides(sft_run, fp8_hf, tmp_path):
+    """--router-bias-update-rate turns on the aux-loss-free bias update; key=value overrides reach the config."""
+    base = sft_run[0] / "pretrained"
+    output = tmp_path / "run"
+    log = finetune(
+        "--megatron-path", base, "--tokenizer", fp8_hf, "--output", output, "--train-iters", 5,
+        "--router-bias-update-rate", "1e-2", *TRAIN_FLAGS, "train.train_iters=2", "logger.log_interval=1",
+    )  # fmt: skip
+    assert sorted(losses(log)) == [1, 2]
+    before, after = model_tensors(base / "iter_0000000"), model_tensors(output / "iter_0000002")
+    biases = [name for name in before if name.endswith("expert_bias")]
+    assert biases and all(not torch.equal(before[name], after[name]) for name in biases)
+
+
+def test_no_argument_run(tmp_path):
+    """``bash finetune.sh`` alone: the built-in tiny model on the shipped data; the loss goes down."""
+    log = finetune(cwd=tmp_path)
+    steps = losses(log)
+    assert sorted(steps) == list(range(1, 41))
+    assert float(steps[40][0]) < float(steps[1][0]) / 2 and float(steps[40][1]) < float(steps[1][1]) / 2
+    output = tmp_path / "mimo_v2_flash_finetune"
+    assert (output / "latest_checkpointed_iteration.txt").read_text().strip() == "40"
+    assert (output / "tiny_hf" / "config.json").is_file() and (output / "iter_0000040" / "metadata.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "{bad}"], "bad.jsonl:1: not valid JSON"),
+        (["--megatron-path", "{missing}"], "Megatron checkpoint directory not found"),
+        (["--hf-model", "{tmp}"], "not a Hugging Face checkpoint (no config.json)"),
+        (["--tp", "2"], "needs sequence parallelism"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_bad_input_one_line_and_nothing_written(tmp_path, args, message):
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    values = {"{bad}": tmp_path / "bad.jsonl", "{missing}": tmp_path / "absent", "{tmp}": tmp_path}
+    output = tmp_path / "run"
+    done = run_finetune(*[values.get(arg, arg) for arg in args], "--output", output)
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stdout + done.stderr and not output.exists()
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,11 @@ from mimo_v2_flash_overlay import quiet_framework_logs
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE / "data" / "tiny_sft.jsonl"
+SFT_DATA_MODULE = HERE.parents[2] / "src/megatron/bridge/models/mimo_v2_flash/sft_data.py"
+TP_NEEDS_TE = (
+    "training MoE layers with tensor parallelism needs sequence parallelism, which the local "
+    "(non-TransformerEngine) backend's norms do not support; use --ep, --pp or more processes"
+)
 TORCHRUN_VARIABLES = (
     "RANK",
     "LOCAL_RANK",
@@ -74,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--save-interval", type=int, default=None, help="checkpoint every N steps (default: at end)")
     parser.add_argument("--seed", type=int, default=1234, help="random seed")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes finetune.sh starts (torchrun)")
+    parser.add_argument("--preflight", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_known_args(argv)
 
 
@@ -83,19 +89,65 @@ def _rank() -> int:
     return dist.get_rank()
 
 
+def on_rank0(work):
+    """Run ``work()`` on rank 0 only; every rank gets its result, or raises the error it raised."""
+    import torch.distributed as dist
+
+    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
+    from megatron.bridge.models.mimo_v2_flash.sft_data import SFTDataError
+
+    outcome: list = [None, None]
+    if _rank() == 0:
+        try:
+            outcome[0] = work()
+        except (CheckpointError, SFTDataError) as error:
+            outcome[1] = str(error)
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise CheckpointError(outcome[1])
+    return outcome[0]
+
+
+def preflight(args: argparse.Namespace) -> str | None:
+    """What can be checked before torchrun starts: paths and every data record.
+
+    Uses only the standard library (``sft_data`` is loaded from its file): importing the framework takes
+    ~10 s, which the launcher should not spend twice.
+    """
+    import importlib.util
+
+    if args.hf_model is not None and not (args.hf_model / "config.json").is_file():
+        return f"{args.hf_model}: not a Hugging Face checkpoint (no config.json)"
+    if args.megatron_path is not None and not args.megatron_path.is_dir():
+        return f"{args.megatron_path}: Megatron checkpoint directory not found"
+    if args.tokenizer is not None and not any(args.tokenizer.glob("tokenizer*")):
+        return f"{args.tokenizer}: no tokenizer files"
+    if args.tp > 1 and importlib.util.find_spec("transformer_engine") is None:
+        return f"--tp {args.tp}: {TP_NEEDS_TE}"
+    spec = importlib.util.spec_from_file_location("sft_data", SFT_DATA_MODULE)
+    sft_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sft_data)
+    try:
+        sft_data.inspect_sft_file(args.data)
+    except sft_data.SFTDataError as error:
+        return str(error)
+    return None
+
+
 def _single_process_env() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key not in TORCHRUN_VARIABLES}
 
 
 def prepare_pretrained(args: argparse.Namespace, output: Path) -> tuple[Path, Path | None]:
     """The Megatron checkpoint to start from and the HF directory it came from (rank 0 works, all wait)."""
-    import torch.distributed as dist
+    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
 
     if args.megatron_path is not None:
         return args.megatron_path.resolve(), None
     hf_model = args.hf_model.resolve() if args.hf_model is not None else output / "tiny_hf"
     pretrained = output / "pretrained"
-    if _rank() == 0:
+
+    def import_once() -> None:
         if args.hf_model is None and not hf_model.is_dir():
             from megatron.bridge.models.mimo_v2_flash.output_dirs import replace_directory, staging_dir
             from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import write_tiny_checkpoint
@@ -109,21 +161,17 @@ def prepare_pretrained(args: argparse.Namespace, output: Path) -> tuple[Path, Pa
             command = [sys.executable, str(HERE / "convert_checkpoints.py"), "import", "--hf-model", str(hf_model)]
             command += ["--megatron-path", str(pretrained), "--dtype", dtype]
             if subprocess.run(command, env=_single_process_env()).returncode:
-                raise SystemExit(2)
-    dist.barrier()
+                raise CheckpointError(f"{hf_model}: import failed (see the error above)")
+
+    on_rank0(import_once)
     return pretrained, hf_model
 
 
 def prepare_data(data: Path, dataset_root: Path) -> tuple[Path, str]:
     """Rank 0 checks and links the data file (Megatron-Bridge indexes it there); the others then use it."""
-    import torch.distributed as dist
-
     from megatron.bridge.models.mimo_v2_flash.sft_data import stage_sft_data
 
-    if _rank() == 0:
-        staged = stage_sft_data(data, dataset_root)
-    dist.barrier()
-    return staged if _rank() == 0 else stage_sft_data(data, dataset_root)
+    return on_rank0(lambda: stage_sft_data(data, dataset_root))
 
 
 def _cpu_only() -> bool:
@@ -154,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
         return 2
     quiet_framework_logs()
+    problem = preflight(args)
+    if problem is not None:
+        print(f"finetune: {problem}", file=sys.stderr)
+        return 2
+    if args.preflight:
+        return 0
     from megatron.bridge.training.finetune import finetune
     from megatron.bridge.training.gpt_step import forward_step
     from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
@@ -212,7 +266,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: {error}", file=sys.stderr)
         return 2
     if overrides:
-        process_config_with_overrides(cfg, cli_overrides=overrides)
+        from megatron.bridge.training.utils.omegaconf_utils import OverridesError
+
+        try:
+            process_config_with_overrides(cfg, cli_overrides=overrides)
+        except OverridesError as error:
+            print(f"finetune: {str(error).splitlines()[0]}", file=sys.stderr)
+            return 2
     with cuda_literals_on_cpu():
         finetune(cfg, forward_step)
     return 0

@@ -29,4 +29,6 @@ while [ $# -gt 0 ]; do
     *) args+=("$1"); shift ;;
   esac
 done
+# Bad paths or data get their one-line error here, before torchrun starts any process.
+"$python" "$here/finetune.py" --preflight "${args[@]}" || exit $?
 exec "$python" -m torch.distributed.run --standalone --nproc-per-node "$nproc" "$here/finetune.py" "${args[@]}"

@@ -8,6 +8,9 @@ Two record formats are accepted, decided by the first record and then required o
 
 Megatron-Bridge's ``GPTSFTDatasetConfig`` reads ``<dataset_root>/training.jsonl``; the user's file is linked
 there, so the index files the loader builds land in the run's directory, not next to the user's data.
+
+The checks use only the standard library, so ``finetune.sh`` can run them before starting torchrun without
+importing the framework.
 """
 
 from __future__ import annotations
@@ -16,14 +19,10 @@ import json
 import shutil
 from pathlib import Path
 
-from megatron.bridge.data.sft_processing import ChatSFTPreprocessingConfig, PromptCompletionSFTPreprocessingConfig
-
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
-
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 
 
-class SFTDataError(CheckpointError):
+class SFTDataError(ValueError):
     """A data file that cannot be trained on (the message names the file and line)."""
 
 
@@ -77,8 +76,10 @@ def inspect_sft_file(path: str | Path) -> tuple[str, int]:
     return kind, count
 
 
-def preprocessing_for(kind: str) -> ChatSFTPreprocessingConfig | PromptCompletionSFTPreprocessingConfig:
+def preprocessing_for(kind: str):
     """Megatron-Bridge's preprocessing for a record format (loss on the assistant turns / on the output)."""
+    from megatron.bridge.data.sft_processing import ChatSFTPreprocessingConfig, PromptCompletionSFTPreprocessingConfig
+
     if kind == "chat":
         return ChatSFTPreprocessingConfig(loss_mode="assistant")
     return PromptCompletionSFTPreprocessingConfig(

@@ -1,0 +1,91 @@
+"""The fine-tuning recipe: Megatron-Bridge ConfigContainer for full SFT and LoRA, CPU settings only without CUDA."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron.bridge.models.mimo_v2_flash import cpu_adaptations
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import mimo_v2_flash_finetune_config
+
+REPO = Path(__file__).resolve().parents[4]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_hf_dir, parallel_state, tmp_path_factory) -> Path:
+    spec = importlib.util.spec_from_file_location("cc", REPO / "examples/models/mimo_v2_flash/convert_checkpoints.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    output = tmp_path_factory.mktemp("recipe") / "mcore"
+    assert module.main(["import", "--hf-model", str(tiny_hf_dir), "--megatron-path", str(output), "--dtype",
+                        "float32"]) == 0  # fmt: skip
+    return output
+
+
+def config(pretrained: Path, tiny_hf_dir: Path, tmp_path: Path, data_format: str = "chat", **kwargs):
+    return mimo_v2_flash_finetune_config(
+        pretrained_checkpoint=pretrained,
+        dataset_root=tmp_path / "data",
+        data_format=data_format,
+        tokenizer=tiny_hf_dir,
+        output_dir=tmp_path / "run",
+        **kwargs,
+    )
+
+
+def test_sft_config(pretrained, tiny_hf_dir, tmp_path):
+    cfg = config(pretrained, tiny_hf_dir, tmp_path, train_iters=7, mtp_loss_scale=0.3, seq_length=64)
+    model = cfg.model
+    assert type(model).__name__ == "MiMoV2FlashModelProvider" and model.mtp_num_layers == 1
+    assert model.mtp_loss_scaling_factor == 0.3 and model.seq_length == 64
+    assert model.moe_router_dtype == "fp32" and model.moe_router_score_function == "sigmoid"
+    assert model.moe_router_enable_expert_bias and model.moe_router_bias_update_rate == 0.0
+    assert model.moe_aux_loss_coeff == 0.0 and model.moe_z_loss_coeff is None
+    assert cfg.peft is None and cfg.optimizer.lr == 5e-6
+    assert cfg.checkpoint.pretrained_checkpoint == str(pretrained)
+    assert cfg.checkpoint.save == cfg.checkpoint.load == str(tmp_path / "run")
+    assert cfg.checkpoint.save_interval == 7 and cfg.train.train_iters == 7
+    assert type(cfg.dataset.preprocessing).__name__ == "ChatSFTPreprocessingConfig"
+
+
+def test_cpu_settings_applied_here(pretrained, tiny_hf_dir, tmp_path):
+    assert cpu_adaptations.cuda_absent()
+    cfg = config(pretrained, tiny_hf_dir, tmp_path)
+    assert cfg.dist.distributed_backend == "gloo" and cfg.mixed_precision is None
+    assert cfg.model.params_dtype == torch.float32 and not cfg.model.bf16
+    assert cfg.optimizer.clip_grad == 0.0 and cfg.checkpoint.load_rng is False
+    assert cfg.dataset.num_workers == 0 and not cfg.dataset.pin_memory
+
+
+def test_cpu_settings_inactive_with_cuda(pretrained, tiny_hf_dir, tmp_path, monkeypatch):
+    cfg = config(pretrained, tiny_hf_dir, tmp_path)
+    cfg.optimizer.clip_grad, cfg.dist.distributed_backend, cfg.checkpoint.load_rng = 1.0, "nccl", True
+    monkeypatch.setattr(cpu_adaptations, "cuda_absent", lambda: False)
+    assert cpu_adaptations.apply_cpu_training_settings(cfg) is False
+    assert (cfg.optimizer.clip_grad, cfg.dist.distributed_backend, cfg.checkpoint.load_rng) == (1.0, "nccl", True)
+
+
+def test_lora_and_router_options(pretrained, tiny_hf_dir, tmp_path):
+    cfg = config(
+        pretrained, tiny_hf_dir, tmp_path, peft="lora", lora_dim=4, lora_alpha=8, router_bias_update_rate=1e-3,
+        moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3, data_format="prompt_completion",
+    )  # fmt: skip
+    assert type(cfg.peft).__name__ == "LoRA" and (cfg.peft.dim, cfg.peft.alpha) == (4, 8)
+    assert sorted(cfg.peft.target_modules) == ["linear_fc1", "linear_fc2", "linear_proj", "linear_qkv"]
+    assert cfg.optimizer.lr == 1e-4
+    assert cfg.model.moe_router_bias_update_rate == 1e-3
+    assert cfg.model.moe_aux_loss_coeff == 1e-2 and cfg.model.moe_router_load_balancing_type == "seq_aux_loss"
+    assert cfg.model.moe_z_loss_coeff == 1e-3
+    assert cfg.dataset.preprocessing.prompt_column == "input"
+    assert cfg.dataset.preprocessing.completion_column == "output"
+
+
+def test_refusals(pretrained, tiny_hf_dir, tmp_path):
+    with pytest.raises(ValueError, match="peft must be"):
+        config(pretrained, tiny_hf_dir, tmp_path, peft="dora")
+    with pytest.raises(MiMoV2FlashConfigError, match="sequence parallelism"):
+        config(pretrained, tiny_hf_dir, tmp_path, tp=2)
