@@ -5,7 +5,9 @@
 2. import it into a Megatron distributed checkpoint (convert_checkpoints.py import);
 3. generate from the Megatron checkpoint (generate.py --megatron-path);
 4. export it back to HF BF16 shards (convert_checkpoints.py export);
-5. load the export with transformers' native model and check that its logits agree with Megatron's.
+5. load the export with transformers' native model and check that its logits agree with Megatron's;
+6. fine-tune the FP8 checkpoint on the shipped chat data (finetune.sh; imported on the fly);
+7. export the fine-tuned model and 8. check it against the fine-tuned Megatron model the same way.
 
 Every step runs the same command line a user would; outputs go to ``--workdir`` (default ``demo_outputs/``).
 """
@@ -98,6 +100,22 @@ def main() -> int:
             "--megatron-path",
             str(megatron_dir),
         ],
+    )
+    finetune_dir, finetuned_hf = work / "tiny_finetune", work / "tiny_finetuned_hf"
+    step(
+        "6. fine-tune (Megatron-Bridge's loop, LM + MTP loss)",
+        ["bash", str(HERE / "finetune.sh"), "--hf-model", str(hf_dir), "--output", str(finetune_dir)]
+        + ["--train-iters", "30", "--seq-length", "64", "--lr", "3e-3"],
+    )
+    step(
+        "7. export the fine-tuned model (fp32: it was trained in fp32 on the CPU)",
+        [python, str(HERE / "convert_checkpoints.py"), "export", "--hf-model", str(hf_dir)]
+        + ["--megatron-path", str(finetune_dir), "--hf-path", str(finetuned_hf), "--dtype", "float32"],
+    )
+    step(
+        "8. transformers loads the fine-tuned export; logits agree with the fine-tuned Megatron model",
+        [python, str(HERE / "compare_logits.py"), "--hf-model", str(finetuned_hf)]
+        + ["--megatron-path", str(finetune_dir)],
     )
     print(f"\ndemo finished: outputs in {work}")
     return 0
