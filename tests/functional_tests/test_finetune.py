@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,30 @@ def test_resume_continues_exactly(sft_run, fp8_hf, tmp_path):
     assert all(torch.equal(final[name], final_resumed[name]) for name in final)
 
 
+@pytest.fixture(scope="module")
+def reference_losses(sft_run, fp8_hf, tmp_path_factory) -> dict[int, tuple[str, str]]:
+    """One process, 3 steps from the imported base: what every parallel layout must reproduce."""
+    output = tmp_path_factory.mktemp("reference") / "run"
+    log = finetune("--megatron-path", sft_run[0] / "pretrained", "--tokenizer", fp8_hf, "--output", output,
+                   "--train-iters", 3, *TRAIN_FLAGS)  # fmt: skip
+    return losses(log)
+
+
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"], ["--ep", "2"]], ids=["tp2", "pp2", "ep2"])
+def test_parallel_training_matches_one_process(sft_run, fp8_hf, reference_losses, tmp_path, layout):
+    """``torchrun --no-python --nproc-per-node 2 finetune.sh``: TP 2 (sequence parallel, KV heads replicated on
+    the 1-KV-head layers), PP 2 or EP 2 train the same model as one process."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python"]
+    command += ["bash", str(EXAMPLES / "finetune.sh"), "--megatron-path", str(sft_run[0] / "pretrained")]
+    command += ["--tokenizer", str(fp8_hf), "--output", str(tmp_path / "run"), "--train-iters", "3", *TRAIN_FLAGS]
+    done = subprocess.run(command + layout, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    steps = losses(done.stdout + done.stderr)
+    assert sorted(steps) == sorted(reference_losses) == [1, 2, 3]
+    for step, (lm, mtp) in reference_losses.items():
+        assert abs(float(steps[step][0]) - float(lm)) < 1e-5 and abs(float(steps[step][1]) - float(mtp)) < 1e-5
+
+
 def test_router_bias_update_and_config_overrides(sft_run, fp8_hf, tmp_path):
     """--router-bias-update-rate turns on the aux-loss-free bias update; key=value overrides reach the config."""
     base = sft_run[0] / "pretrained"
@@ -172,7 +197,6 @@ def test_no_argument_run(tmp_path):
         (["--data", "{bad}"], "bad.jsonl:1: not valid JSON"),
         (["--megatron-path", "{missing}"], "Megatron checkpoint directory not found"),
         (["--hf-model", "{tmp}"], "not a Hugging Face checkpoint (no config.json)"),
-        (["--tp", "2"], "needs sequence parallelism"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
 )

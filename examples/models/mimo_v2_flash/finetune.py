@@ -30,10 +30,6 @@ from mimo_v2_flash_overlay import quiet_framework_logs
 HERE = Path(__file__).resolve().parent
 DEFAULT_DATA = HERE / "data" / "tiny_sft.jsonl"
 SFT_DATA_MODULE = HERE.parents[2] / "src/megatron/bridge/models/mimo_v2_flash/sft_data.py"
-TP_NEEDS_TE = (
-    "training MoE layers with tensor parallelism needs sequence parallelism, which the local "
-    "(non-TransformerEngine) backend's norms do not support; use --ep, --pp or more processes"
-)
 TORCHRUN_VARIABLES = (
     "RANK",
     "LOCAL_RANK",
@@ -122,8 +118,6 @@ def preflight(args: argparse.Namespace) -> str | None:
         return f"{args.megatron_path}: Megatron checkpoint directory not found"
     if args.tokenizer is not None and not any(args.tokenizer.glob("tokenizer*")):
         return f"{args.tokenizer}: no tokenizer files"
-    if args.tp > 1 and importlib.util.find_spec("transformer_engine") is None:
-        return f"--tp {args.tp}: {TP_NEEDS_TE}"
     spec = importlib.util.spec_from_file_location("sft_data", SFT_DATA_MODULE)
     sft_data = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sft_data)
@@ -209,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.preflight:
         return 0
     from megatron.bridge.training.finetune import finetune
-    from megatron.bridge.training.gpt_step import forward_step
     from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
 
     from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import (
@@ -222,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import mimo_v2_flash_finetune_config
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_step import forward_step
     from megatron.bridge.models.mimo_v2_flash.runtime import shutdown_at_exit, use_prebuilt_dataset_helpers
 
     apply_cpu_adaptations()

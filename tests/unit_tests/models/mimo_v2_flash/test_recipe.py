@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from megatron.bridge.models.mimo_v2_flash import cpu_adaptations
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import mimo_v2_flash_finetune_config
 
 REPO = Path(__file__).resolve().parents[4]
@@ -87,5 +86,10 @@ def test_lora_and_router_options(pretrained, tiny_hf_dir, tmp_path):
 def test_refusals(pretrained, tiny_hf_dir, tmp_path):
     with pytest.raises(ValueError, match="peft must be"):
         config(pretrained, tiny_hf_dir, tmp_path, peft="dora")
-    with pytest.raises(MiMoV2FlashConfigError, match="sequence parallelism"):
-        config(pretrained, tiny_hf_dir, tmp_path, tp=2)
+
+
+def test_tensor_parallel_training_uses_sequence_parallelism(pretrained, tiny_hf_dir, tmp_path):
+    cfg = config(pretrained, tiny_hf_dir, tmp_path, tp=2, ep=2)
+    assert cfg.model.sequence_parallel and cfg.model.tensor_model_parallel_size == 2
+    assert cfg.model.expert_model_parallel_size == 2 and cfg.model.expert_tensor_parallel_size == 2
+    assert not config(pretrained, tiny_hf_dir, tmp_path).model.sequence_parallel

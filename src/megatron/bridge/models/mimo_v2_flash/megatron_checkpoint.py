@@ -105,12 +105,54 @@ def load_megatron_checkpoint(
     return chunks[0] if len(chunks) == 1 else chunks
 
 
+def read_leading_slice(directory: Path, key: str, index: int) -> torch.Tensor:
+    """``tensor[index]`` of the checkpoint tensor ``key``, reading only the stored chunks that hold it.
+
+    Routed experts are saved as one tensor per weight kind with a leading expert axis, one chunk per expert (or
+    per expert and tensor-parallel slice); Megatron-Core's loader reads such a tensor whole. This reads one
+    expert's chunks with PyTorch's checkpoint reader and a plan naming exactly those chunks.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+    reader = dcp.FileSystemReader(str(directory))
+    meta = reader.read_metadata().state_dict_metadata[key]
+    target = torch.empty((1, *meta.size[1:]), dtype=meta.properties.dtype)
+    items, covered = [], 0
+    for chunk in meta.chunks:
+        if not chunk.offsets[0] <= index < chunk.offsets[0] + chunk.sizes[0]:
+            continue
+        lengths = torch.Size((1, *chunk.sizes[1:]))
+        items.append(
+            ReadItem(
+                type=LoadItemType.TENSOR,
+                dest_index=MetadataIndex(key, torch.Size([0] * len(meta.size))),
+                dest_offsets=torch.Size((0, *chunk.offsets[1:])),
+                storage_index=MetadataIndex(key, chunk.offsets),
+                storage_offsets=torch.Size((index - chunk.offsets[0], *[0] * (len(meta.size) - 1))),
+                lengths=lengths,
+            )
+        )
+        covered += lengths.numel()
+    if covered != target.numel():
+        raise CheckpointError(f"{directory}: the chunks of {key} do not cover slice {index} exactly")
+
+    class ChunksOfOneSlice(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
+            return LoadPlan(items)
+
+    dcp.load({key: target}, storage_reader=reader, planner=ChunksOfOneSlice(), no_dist=True)
+    return target[0]
+
+
 def _group_of(name: str, key: str) -> str:
-    """Load unit: one expert weight kind of a layer (all its experts: a checkpoint tensor must be read whole),
-    the rest of one decoder / MTP layer, or the remaining top-level tensors."""
+    """Load unit: one routed expert's weight (read on its own), the rest of one decoder / MTP layer, or the
+    remaining top-level tensors."""
     parts = name.split(".")
     if "local_experts" in parts:
-        return key
+        return name
     for root in ("decoder.layers", "mtp.layers"):
         depth = root.count(".") + 1
         if ".".join(parts[:depth]) == root and len(parts) > depth:
@@ -159,15 +201,20 @@ def iter_hf_weights(path: str | Path, mapping_registry, lora=None, adapter_sink=
         if isinstance(item, (ShardedTensor, ShardedTensorFactory)):
             groups.setdefault(_group_of(name, item.key), []).append(name)
     for group in sorted(groups, key=_group_sort_key):
-        subset = {}
-        for name in groups[group]:
-            item = sharded[name]
-            item.data = torch.empty(item.data.shape, dtype=item.data.dtype)
-            subset[name] = item
-        # A group is a subset of the checkpoint's tensors: partial access to the checkpoint is intended.
-        loaded = dist_checkpointing.load(
-            {"model": subset}, str(directory), TorchDistLoadShardedStrategy(), validate_access_integrity=False
-        )["model"]
+        if ".local_experts." in group:
+            # built at EP 1, so the local expert index is the global one
+            expert = int(group.split(".local_experts.", 1)[1].split(".", 1)[0])
+            loaded = {group: read_leading_slice(directory, sharded[group].key, expert)}
+        else:
+            subset = {}
+            for name in groups[group]:
+                item = sharded[name]
+                item.data = torch.empty(item.data.shape, dtype=item.data.dtype)
+                subset[name] = item
+            # A group is a subset of the checkpoint's tensors: partial access to the checkpoint is intended.
+            loaded = dist_checkpointing.load(
+                {"model": subset}, str(directory), TorchDistLoadShardedStrategy(), validate_access_integrity=False
+            )["model"]
         for name in groups[group]:
             mapping = mapping_registry.megatron_to_hf_lookup(name)
             if mapping is None:
@@ -183,7 +230,7 @@ def iter_hf_weights(path: str | Path, mapping_registry, lora=None, adapter_sink=
             yield from mapping.megatron_to_hf(weight, module).items()
         for name in groups[group]:  # give the group's memory back before the next load
             sharded[name].data = torch.empty(sharded[name].data.shape, dtype=sharded[name].data.dtype, device="meta")
-        del loaded, subset
+        del loaded
 
 
 def _group_sort_key(group: str) -> tuple:

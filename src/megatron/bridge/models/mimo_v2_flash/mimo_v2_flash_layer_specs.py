@@ -8,8 +8,10 @@ always sliding-window (with the SWA sink setting), whatever the decoder's last l
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
+import torch
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,
@@ -17,6 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_mtp_block_spec,
 )
 from megatron.core.transformer import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_attention import (
     MiMoV2FlashCoreAttention,
@@ -25,6 +28,38 @@ from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_attention import (
     layer_attention_kind,
 )
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import SLIDING_ATTENTION
+
+
+class MiMoV2FlashRMSNorm(torch.nn.RMSNorm):
+    """The local backend's RMSNorm (``torch.nn.RMSNorm``, as Megatron-Core's ``WrappedTorchNorm`` builds it),
+    usable with sequence parallelism.
+
+    With sequence parallelism each tensor-parallel rank normalizes its own slice of the tokens, so the weight's
+    gradient is partial; marking it ``sequence_parallel`` makes Megatron-Core's ``finalize_model_grads`` sum it
+    over the tensor-parallel group, as it does for TransformerEngine's norms. ``WrappedTorchNorm`` refuses
+    sequence parallelism, which Megatron-Core requires for training MoE layers with tensor parallelism.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs) -> None:
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"MiMo-V2-Flash uses RMSNorm, not {config.normalization}")
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def _with_mimo_norm(spec):
+    """Replace ``WrappedTorchNorm`` everywhere in a (nested) local spec by :class:`MiMoV2FlashRMSNorm`."""
+    if spec is WrappedTorchNorm:
+        return MiMoV2FlashRMSNorm
+    if isinstance(spec, ModuleSpec):
+        spec.module = _with_mimo_norm(spec.module)
+        spec.submodules = _with_mimo_norm(spec.submodules)
+    elif dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        for field in dataclasses.fields(spec):
+            setattr(spec, field.name, _with_mimo_norm(getattr(spec, field.name)))
+    elif isinstance(spec, list):
+        spec[:] = [_with_mimo_norm(item) for item in spec]
+    return spec
 
 
 def te_core_attention_class():
@@ -64,7 +99,7 @@ def mimo_v2_flash_block_spec(config, vp_stage: int | None = None):
     )
     for layer_spec in spec.layer_specs:
         _use_mimo_attention(layer_spec, use_te)
-    return spec
+    return spec if use_te else _with_mimo_norm(spec)
 
 
 def mimo_v2_flash_mtp_block_spec(config, vp_stage: int | None = None):
@@ -77,4 +112,5 @@ def mimo_v2_flash_mtp_block_spec(config, vp_stage: int | None = None):
     else:
         layer_spec = get_gpt_layer_local_spec(num_experts=None, moe_grouped_gemm=False, normalization="RMSNorm")
     _use_mimo_attention(layer_spec, use_te, attention_kind=SLIDING_ATTENTION)
-    return get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=use_te, vp_stage=vp_stage)
+    spec = get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=use_te, vp_stage=vp_stage)
+    return spec if use_te else _with_mimo_norm(spec)

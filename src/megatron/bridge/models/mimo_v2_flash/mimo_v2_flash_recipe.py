@@ -33,8 +33,6 @@ from megatron.bridge.training.model_load_save import load_model_config
 
 from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import apply_cpu_training_settings, cuda_absent
 from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import latest_iteration_dir
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import transformer_engine_usable
 from megatron.bridge.models.mimo_v2_flash.sft_data import preprocessing_for
 
 LORA_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
@@ -110,14 +108,6 @@ def mimo_v2_flash_finetune_config(
     if peft not in ("none", "lora"):
         raise ValueError(f"peft must be 'none' or 'lora', got {peft!r}")
     output_dir = Path(output_dir)
-    if tp > 1 and not transformer_engine_usable():
-        # MoE training with TP needs sequence parallelism (core/transformer/moe/moe_layer.py raises without it),
-        # and the local spec's torch norms refuse sequence parallelism (core/transformer/torch_norm.py).
-        raise MiMoV2FlashConfigError(
-            f"--tp {tp}: training MoE layers with tensor parallelism needs sequence parallelism, which the local "
-            "(non-TransformerEngine) backend's norms do not support; without TransformerEngine on GPUs use data, "
-            "expert or pipeline parallelism (--ep, --pp, more processes)"
-        )
     model, _ = load_model_config(str(latest_iteration_dir(pretrained_checkpoint)))
     dtype = torch.float32 if cuda_absent() else torch.bfloat16
     model.tensor_model_parallel_size = tp
@@ -125,7 +115,8 @@ def mimo_v2_flash_finetune_config(
     model.expert_model_parallel_size = ep
     model.expert_tensor_parallel_size = etp if etp is not None else tp
     model.virtual_pipeline_model_parallel_size = None
-    model.sequence_parallel = tp > 1  # Megatron-Core requires it for MoE with TP during training
+    # Megatron-Core requires sequence parallelism to train MoE layers with tensor parallelism
+    model.sequence_parallel = tp > 1
     model.params_dtype = model.pipeline_dtype = dtype
     model.bf16, model.fp16 = dtype == torch.bfloat16, False
     model.seq_length = seq_length
@@ -169,6 +160,9 @@ def mimo_v2_flash_finetune_config(
             dataset_root=str(dataset_root),
             preprocessing=preprocessing_for(data_format),
             dataloader_type="batch",
+            # The allgather token dispatcher exchanges equally shaped token blocks across expert-parallel ranks,
+            # which read different batches: pad every sequence to seq_length there.
+            dataset_kwargs={"pad_to_max_length": True} if ep > 1 else None,
             do_validation=False,
             do_test=False,
             seed=seed,
