@@ -67,18 +67,13 @@ def _plan_tensors(reader, keep_mtp: bool) -> list[tuple[str, str, str]]:
 def _write_tensors(reader, plan, writers: dict, bar) -> int:
     import torch
 
-    ckpt, written, current_shard = reader.checkpoint, 0, None
+    written = 0
     for source_name, output_name, target in plan:
-        shard = ckpt.weight_map[source_name]
-        if current_shard is not None and shard != current_shard:
-            ckpt.release(current_shard)
-        current_shard = shard
         dtype = torch.float32 if nxdi_contract.output_dtype_name(output_name) == "float32" else torch.bfloat16
         tensor = reader.get(source_name, dtype)
         writers[target].add(output_name, tensor)
         written += tensor.numel() * tensor.element_size()
         bar.update(tensor.numel() * tensor.element_size())
-    ckpt.release()
     return written
 
 

@@ -10,16 +10,15 @@ where there is one, the tensor.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 
 import torch
-from safetensors import safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-MAX_OPEN_SHARDS = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -64,6 +63,11 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
+def _header_length(path: Path) -> int:
+    with path.open("rb") as handle:
+        return struct.unpack("<Q", handle.read(8))[0]
+
+
 def _safe_shard_path(directory: Path, shard: str) -> Path:
     pure = PurePosixPath(shard)
     if pure.is_absolute() or ".." in pure.parts or "\\" in shard or not shard:
@@ -85,7 +89,7 @@ class HFCheckpoint:
         for name, shard in self.weight_map.items():
             if name not in self.headers[shard]:
                 raise CheckpointError(f"{self.directory / shard}: tensor {name} listed in the index is missing")
-        self._handles: dict[str, object] = {}
+        self._data_start = {shard: 8 + _header_length(self.directory / shard) for shard in self.headers}
 
     def _weight_map(self) -> dict[str, str]:
         index = self.directory / INDEX_NAME
@@ -143,23 +147,29 @@ class HFCheckpoint:
         return {shard: (self.directory / shard).stat().st_size for shard in self.headers}
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (only its bytes are touched)."""
+        """Read one tensor into fresh memory (only its bytes are read).
+
+        Plain reads, not a memory map: pages of a mapped shard stay in this process's resident set until the map
+        is closed, so streaming a shard through a map holds up to the whole shard; a read tensor is freed with
+        the tensor.
+        """
         if name not in self.weight_map:
             raise CheckpointError(f"{self.directory}: tensor {name} not found in the checkpoint")
         shard = self.weight_map[name]
-        handle = self._handles.pop(shard, None)
-        if handle is None:
-            handle = safe_open(str(self.directory / shard), framework="pt")
-        # Keep only the most recently used shard mapped: pages of other shards leave memory when unmapped.
-        self._handles[shard] = handle
-        while len(self._handles) > MAX_OPEN_SHARDS:
-            self._handles.pop(next(iter(self._handles)))
+        path = self.directory / shard
+        info = self.headers[shard][name]
+        start, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        shape = tuple(info["shape"])
+        if math.prod(shape) * dtype.itemsize != end - start:
+            raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes, its shape {shape} needs more")
+        buffer = torch.empty(end - start, dtype=torch.uint8)
         try:
-            return handle.get_tensor(name)
-        except Exception as error:  # safetensors raises its own error types for corrupt data
-            raise CheckpointError(f"{self.directory / shard}: cannot read tensor {name} ({error})") from None
-
-    def release(self, shard: str | None = None) -> None:
-        """Close cached shard handles (all, or one) so their pages can be dropped."""
-        for key in [shard] if shard else list(self._handles):
-            self._handles.pop(key, None)
+            with path.open("rb", buffering=0) as handle:
+                handle.seek(self._data_start[shard] + start)
+                read = handle.readinto(memoryview(buffer.numpy()))
+        except OSError as error:
+            raise CheckpointError(f"{path}: cannot read tensor {name} ({error})") from None
+        if read != end - start:
+            raise CheckpointError(f"{path}: tensor {name} is truncated")
+        return buffer.view(dtype).reshape(shape)

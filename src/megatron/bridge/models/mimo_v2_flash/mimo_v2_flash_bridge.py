@@ -19,7 +19,7 @@ from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
     parse_architecture,
     with_native_fields,
 )
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8Checkpoint
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8_DTYPE, FP8Checkpoint
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import mimo_v2_flash_mapping_registry
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import MiMoV2FlashModelProvider
 
@@ -81,6 +81,10 @@ def provider_from_architecture(arch: MiMoV2FlashArchitecture, mtp_num_layers: in
 )
 class MiMoV2FlashBridge(MegatronModelBridge):
     """HF MiMo-V2-Flash (hub or transformers-native config) <-> Megatron-Core GPT with MiMo attention."""
+
+    fp8_dequant_dtype: torch.dtype | None = None
+    """Dtype FP8 weights are dequantized to (the fp32 product cast once); None: fp32. Importing into a bf16
+    model sets bf16, so no fp32 copy of a large weight is ever held (the bits are the same: one rounding)."""
 
     def provider_bridge(self, hf_pretrained) -> MiMoV2FlashModelProvider:
         """Provider from the checkpoint's raw ``config.json`` (hub fields win) and its MTP keys."""
@@ -146,15 +150,20 @@ class MiMoV2FlashBridge(MegatronModelBridge):
     def maybe_modify_loaded_hf_weight(self, hf_param, hf_state_dict):
         """Read HF weights through the validating, exactly-dequantizing FP8 view of the checkpoint.
 
-        fp32 is returned for FP8 weights (the product is computed in fp32); the mapping casts once to the
-        parameter dtype. Non-FP8 weights pass through unchanged.
+        FP8 weights come out in ``fp8_dequant_dtype`` (default fp32; the product is computed in fp32 either way);
+        the mapping casts to the parameter dtype. Non-FP8 weights pass through unchanged.
         """
         reader = self._checkpoint_reader(hf_state_dict)
         if reader is None:
             return super().maybe_modify_loaded_hf_weight(hf_param, hf_state_dict)
         if isinstance(hf_param, str):
-            return reader.get(hf_param)
-        return {key: reader.get(name) for key, name in hf_param.items()}
+            return self._read(reader, hf_param)
+        return {key: self._read(reader, name) for key, name in hf_param.items()}
+
+    def _read(self, reader: FP8Checkpoint, name: str) -> torch.Tensor:
+        if self.fp8_dequant_dtype is not None and reader.checkpoint.dtype(name) == FP8_DTYPE:
+            return reader.get(name, dtype=self.fp8_dequant_dtype)
+        return reader.get(name)
 
     def _checkpoint_reader(self, hf_state_dict):
         source = getattr(hf_state_dict, "source", None)

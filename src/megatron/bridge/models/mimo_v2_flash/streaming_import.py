@@ -31,7 +31,7 @@ def _storage_key(tensor: torch.Tensor) -> int:
 class ParameterMaterializer:
     """Computes real values for meta parameters of ``model`` from an HF checkpoint, one parameter at a time."""
 
-    def __init__(self, model, bridge, hf_state, cache_size: int = 2, progress=None) -> None:
+    def __init__(self, model, bridge, hf_state, cache_size: int = 1, progress=None) -> None:
         self.model = model
         self.bridge = bridge
         self.hf_state = hf_state
@@ -58,6 +58,8 @@ class ParameterMaterializer:
         if name in self.cache:
             self.cache.move_to_end(name)
             return self.cache[name]
+        while len(self.cache) >= self.cache_size:  # make room first: never hold the old and the new value
+            self.cache.popitem(last=False)
         mapping = self.registry.megatron_to_hf_lookup(name)
         if mapping is None:
             # Buffers without an HF counterpart (e.g. token counters) start from their initial value: zeros.
@@ -76,8 +78,6 @@ class ParameterMaterializer:
                 )
         self.cache[name] = value
         self.tensors += 1
-        while len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
         return value
 
 
@@ -137,6 +137,7 @@ def stream_import(hf_dir: Path, megatron_path: Path, dtype: torch.dtype) -> int:
     params = [*model.named_parameters(), *model.named_buffers()]
     total_bytes = sum(t.numel() * t.element_size() for _, t in params)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="import", mininterval=1.0)
+    auto._model_bridge.fp8_dequant_dtype = dtype
     materializer = ParameterMaterializer(model, auto._model_bridge, auto.hf_pretrained.state, progress=bar.update)
     has_tokenizer = any(hf_dir.glob("tokenizer*"))
     tokenizer = (
