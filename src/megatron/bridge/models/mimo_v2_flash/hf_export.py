@@ -1,7 +1,7 @@
 """Stream Megatron weights into Hugging Face safetensors shards in the MiMo-V2-Flash hub layout.
 
-Tensors arrive one at a time from the bridge (``export_hf_weights``) and are written shard by shard, so memory
-holds one shard at most. Output goes to a temporary sibling directory renamed at the end: a failure leaves
+Tensors arrive one at a time and are written straight into bounded-size shards, so memory holds the tensor being
+written, not a shard. Output goes to a temporary sibling directory renamed at the end: a failure leaves
 nothing behind. ``e_score_correction_bias`` stays fp32 (as in the release); everything else is cast to the
 requested dtype.
 """
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import INDEX_NAME, CheckpointError
+from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import parse_architecture, with_native_fields
 from megatron.bridge.models.mimo_v2_flash.output_dirs import replace_directory, staging_dir
 
@@ -45,38 +45,67 @@ def export_config(original: dict, dtype: torch.dtype) -> dict:
     return dict(with_native_fields(hub_form), torch_dtype=DTYPE_NAMES[dtype])
 
 
-class ShardWriter:
-    """Accumulates tensors and writes ``model-XXXXX-of-YYYYY.safetensors`` shards of bounded size."""
+SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
-    def __init__(self, directory: Path, max_shard_bytes: int) -> None:
+
+class ShardWriter:
+    """Writes tensors straight into ``model-XXXXX-of-YYYYY.safetensors`` shards of bounded size.
+
+    Nothing is buffered: each tensor's bytes go to the open shard as it arrives. A safetensors header precedes
+    the data but is only known once the shard is complete, so ``header_reserve`` bytes are kept free in front
+    of the data and the header is written there at the end, padded with spaces (the format allows trailing
+    whitespace in the header). A shard also closes when its header would outgrow the reserve.
+    """
+
+    def __init__(self, directory: Path, max_shard_bytes: int, header_reserve: int = 256 * 1024) -> None:
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+        self.header_reserve = header_reserve
         self.shards: list[list[str]] = []
+        self.names: set[str] = set()
         self.total_bytes = 0
+        self._file = None
+        self._entries: dict[str, dict] = {}
+        self._data_bytes = 0
+        self._header_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.pending or any(name in shard for shard in self.shards):
+        if name in self.names:
             raise CheckpointError(f"export produced tensor {name} twice")
+        tensor = tensor.contiguous()
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
+        entry = {"dtype": SAFETENSORS_DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape)}
+        entry_bytes = len(json.dumps({name: dict(entry, data_offsets=[10**15, 10**15])})) + 1
+        if self._file is not None and (
+            self._data_bytes + size > self.max_shard_bytes or self._header_bytes + entry_bytes > self.header_reserve
+        ):
+            self._close_shard()
+        if self._file is None:
+            self._file = (self.directory / f"shard-{len(self.shards):05d}.tmp").open("wb")
+            self._file.seek(8 + self.header_reserve)
+            self._entries, self._data_bytes, self._header_bytes = {}, 0, 64
+        if tensor.numel():
+            self._file.write(tensor.reshape(-1).view(torch.uint8).numpy())
+        self._entries[name] = dict(entry, data_offsets=[self._data_bytes, self._data_bytes + size])
+        self._data_bytes += size
+        self._header_bytes += entry_bytes
+        self.names.add(name)
         self.total_bytes += size
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        index = len(self.shards)
-        save_file(self.pending, str(self.directory / f"shard-{index:05d}.tmp"), metadata={"format": "pt"})
-        self.shards.append(sorted(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+    def _close_shard(self) -> None:
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries}, separators=(",", ":")).encode()
+        if len(header) > self.header_reserve:
+            raise RuntimeError(f"safetensors header of {len(header)} bytes exceeds the reserve")
+        self._file.seek(0)
+        self._file.write(struct.pack("<Q", self.header_reserve) + header.ljust(self.header_reserve, b" "))
+        self._file.close()
+        self._file = None
+        self.shards.append(sorted(self._entries))
 
     def finish(self) -> dict[str, str]:
         """Name the shards ``-of-N`` now that N is known and write the index; returns the weight map."""
-        self.flush()
+        if self._file is not None:
+            self._close_shard()
         count = len(self.shards)
         weight_map = {}
         for index, names in enumerate(self.shards):
