@@ -198,11 +198,17 @@ def test_no_argument_run(tmp_path):
         (["--megatron-path", "{missing}"], "Megatron checkpoint directory not found"),
         (["--hf-model", "{tmp}"], "not a Hugging Face checkpoint (no config.json)"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["--hf-model", "{truncated}"], "(truncated shard)"),
     ],
 )
-def test_bad_input_one_line_and_nothing_written(tmp_path, args, message):
+def test_bad_input_one_line_and_nothing_written(fp8_hf, tmp_path, args, message):
     (tmp_path / "bad.jsonl").write_text("{oops\n")
+    truncated = tmp_path / "truncated_hf"
+    shutil.copytree(fp8_hf, truncated)
+    shard = max(truncated.glob("*.safetensors"), key=lambda path: path.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:-100])
     values = {"{bad}": tmp_path / "bad.jsonl", "{missing}": tmp_path / "absent", "{tmp}": tmp_path}
+    values["{truncated}"] = truncated
     output = tmp_path / "run"
     done = run_finetune(*[values.get(arg, arg) for arg in args], "--output", output)
     assert done.returncode == 2

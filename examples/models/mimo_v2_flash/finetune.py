@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,31 +80,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return parser.parse_known_args(argv)
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank()
-
-
-def on_rank0(work):
-    """Run ``work()`` on rank 0 only; every rank gets its result, or raises the error it raised."""
-    import torch.distributed as dist
-
-    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
-    from megatron.bridge.models.mimo_v2_flash.sft_data import SFTDataError
-
-    outcome: list = [None, None]
-    if _rank() == 0:
-        try:
-            outcome[0] = work()
-        except (CheckpointError, SFTDataError) as error:
-            outcome[1] = str(error)
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[1] is not None:
-        raise CheckpointError(outcome[1])
-    return outcome[0]
-
-
 def preflight(args: argparse.Namespace) -> str | None:
     """What can be checked before torchrun starts: paths and every data record.
 
@@ -132,40 +108,73 @@ def _single_process_env() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key not in TORCHRUN_VARIABLES}
 
 
-def prepare_pretrained(args: argparse.Namespace, output: Path) -> tuple[Path, Path | None]:
-    """The Megatron checkpoint to start from and the HF directory it came from (rank 0 works, all wait)."""
-    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
+class ImportFailed(Exception):
+    """``convert_checkpoints.py import`` failed; it has printed its one-line reason."""
 
+
+def ensure_pretrained(args: argparse.Namespace, output: Path) -> tuple[Path, Path | None]:
+    """The Megatron checkpoint to start from and the HF directory it came from; imports an HF model once.
+
+    Writes the built-in tiny HF checkpoint first when no model is given. Single process (``finetune.sh`` runs it
+    before torchrun starts; under torchrun rank 0 does).
+    """
     if args.megatron_path is not None:
         return args.megatron_path.resolve(), None
     hf_model = args.hf_model.resolve() if args.hf_model is not None else output / "tiny_hf"
     pretrained = output / "pretrained"
+    if args.hf_model is None and not hf_model.is_dir():
+        from megatron.bridge.models.mimo_v2_flash.output_dirs import replace_directory, staging_dir
+        from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import write_tiny_checkpoint
 
-    def import_once() -> None:
-        if args.hf_model is None and not hf_model.is_dir():
-            from megatron.bridge.models.mimo_v2_flash.output_dirs import replace_directory, staging_dir
-            from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import write_tiny_checkpoint
+        staging = staging_dir(hf_model)
+        write_tiny_checkpoint(staging)
+        replace_directory(staging, hf_model)
+    if not pretrained.is_dir():
+        import torch
 
-            staging = staging_dir(hf_model)
-            write_tiny_checkpoint(staging)
-            replace_directory(staging, hf_model)
-        if not pretrained.is_dir():
-            print(f"importing {hf_model} -> {pretrained}", flush=True)
-            dtype = "float32" if _cpu_only() else "bfloat16"
-            command = [sys.executable, str(HERE / "convert_checkpoints.py"), "import", "--hf-model", str(hf_model)]
-            command += ["--megatron-path", str(pretrained), "--dtype", dtype]
-            if subprocess.run(command, env=_single_process_env()).returncode:
-                raise CheckpointError(f"{hf_model}: import failed (see the error above)")
-
-    on_rank0(import_once)
+        print(f"importing {hf_model} -> {pretrained}", flush=True)
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        command = [sys.executable, str(HERE / "convert_checkpoints.py"), "import", "--hf-model", str(hf_model)]
+        command += ["--megatron-path", str(pretrained), "--dtype", dtype]
+        if subprocess.run(command, env=_single_process_env()).returncode:
+            raise ImportFailed(hf_model)
     return pretrained, hf_model
+
+
+def prepare_pretrained(args: argparse.Namespace, output: Path) -> tuple[Path, Path | None]:
+    """:func:`ensure_pretrained` on rank 0; every rank gets its result."""
+    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
+    from megatron.bridge.models.mimo_v2_flash.runtime import run_on_rank0
+
+    def on_this_rank() -> tuple[Path, Path | None]:
+        try:
+            return ensure_pretrained(args, output)
+        except ImportFailed as failed:
+            raise CheckpointError(f"{failed.args[0]}: import failed (see the error above)") from None
+
+    return run_on_rank0(on_this_rank)
+
+
+def launcher_preflight(args: argparse.Namespace) -> int:
+    """Before torchrun: import an HF model if needed, so a bad checkpoint fails here with its one-line error."""
+    output = args.output.resolve()
+    created = not output.exists()
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        ensure_pretrained(args, output)
+    except ImportFailed:
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        return 2
+    return 0
 
 
 def prepare_data(data: Path, dataset_root: Path) -> tuple[Path, str]:
     """Rank 0 checks and links the data file (Megatron-Bridge indexes it there); the others then use it."""
+    from megatron.bridge.models.mimo_v2_flash.runtime import run_on_rank0
     from megatron.bridge.models.mimo_v2_flash.sft_data import stage_sft_data
 
-    return on_rank0(lambda: stage_sft_data(data, dataset_root))
+    return run_on_rank0(lambda: stage_sft_data(data, dataset_root))
 
 
 def _cpu_only() -> bool:
@@ -201,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: {problem}", file=sys.stderr)
         return 2
     if args.preflight:
-        return 0
+        return launcher_preflight(args)
     from megatron.bridge.training.finetune import finetune
     from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
 

@@ -70,3 +70,24 @@ def _helpers_already_built() -> None:
 def shutdown_at_exit() -> None:
     """Tear down the process groups at interpreter exit (a live gloo group can abort the process there)."""
     atexit.register(shutdown_parallel_state)
+
+
+def run_on_rank0(work):
+    """Run ``work()`` on rank 0 only; every rank gets its result, or raises the one-line error it raised.
+
+    Expected errors (``CheckpointError``, ``SFTDataError``) travel to every rank, so no rank waits forever in a
+    collective for a rank that failed.
+    """
+    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
+    from megatron.bridge.models.mimo_v2_flash.sft_data import SFTDataError
+
+    outcome: list = [None, None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            outcome[0] = work()
+        except (CheckpointError, SFTDataError) as error:
+            outcome[1] = str(error)
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise CheckpointError(outcome[1])
+    return outcome[0]
