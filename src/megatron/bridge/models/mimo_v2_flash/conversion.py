@@ -72,7 +72,6 @@ def import_checkpoint(
     else:
         # Sharded: every rank builds and loads its own shard of the model, then all ranks save together.
         bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
-        bridge._model_bridge.fp8_dequant_dtype = dtype
         provider = configure_provider(
             bridge.to_megatron_provider(load_weights=True), dtype, parallel_output=True, **layout
         )

@@ -137,8 +137,9 @@ def stream_import(hf_dir: Path, megatron_path: Path, dtype: torch.dtype) -> int:
     params = [*model.named_parameters(), *model.named_buffers()]
     total_bytes = sum(t.numel() * t.element_size() for _, t in params)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="import", mininterval=1.0)
-    auto._model_bridge.fp8_dequant_dtype = dtype
-    materializer = ParameterMaterializer(model, auto._model_bridge, auto.hf_pretrained.state, progress=bar.update)
+    model_bridge = auto._model_bridge  # a property: a new bridge on every access
+    model_bridge.fp8_dequant_dtype = dtype
+    materializer = ParameterMaterializer(model, model_bridge, auto.hf_pretrained.state, progress=bar.update)
     has_tokenizer = any(hf_dir.glob("tokenizer*"))
     tokenizer = (
         TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(hf_dir)) if has_tokenizer else None
