@@ -115,12 +115,8 @@ class LoraAdapters:
         a, b = self._load(a_key), self._load(b_key)
         return (a[expert], b[expert]) if expert is not None else (a, b)
 
-    def merged(self, param_name: str, checkpoint_key: str, base: torch.Tensor) -> torch.Tensor:
-        """``base + alpha / dim * B @ A`` computed in fp32, in the base's dtype (``base`` if not adapted)."""
-        found = self.factors(param_name, checkpoint_key)
-        if found is None:
-            return base
-        a, b = found
+    def merged(self, param_name: str, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``base + alpha / dim * B @ A`` computed in fp32, in the base's dtype."""
         if (b.shape[0], a.shape[1]) != tuple(base.shape):
             raise CheckpointError(
                 f"{self.run.adapter_dir}: adapter of {param_name} is {tuple(b.shape)} x {tuple(a.shape)}, "

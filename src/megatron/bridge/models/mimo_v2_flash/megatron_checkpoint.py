@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemReader
 
 from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import cuda_absent
 from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
@@ -105,7 +106,7 @@ def load_megatron_checkpoint(
     return chunks[0] if len(chunks) == 1 else chunks
 
 
-def read_leading_slice(directory: Path, key: str, index: int) -> torch.Tensor:
+def read_leading_slice(reader, key: str, index: int) -> torch.Tensor:
     """``tensor[index]`` of the checkpoint tensor ``key``, reading only the stored chunks that hold it.
 
     Routed experts are saved as one tensor per weight kind with a leading expert axis, one chunk per expert (or
@@ -117,7 +118,6 @@ def read_leading_slice(directory: Path, key: str, index: int) -> torch.Tensor:
     from torch.distributed.checkpoint.metadata import MetadataIndex
     from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-    reader = dcp.FileSystemReader(str(directory))
     meta = reader.read_metadata().state_dict_metadata[key]
     target = torch.empty((1, *meta.size[1:]), dtype=meta.properties.dtype)
     items, covered = [], 0
@@ -137,7 +137,7 @@ def read_leading_slice(directory: Path, key: str, index: int) -> torch.Tensor:
         )
         covered += lengths.numel()
     if covered != target.numel():
-        raise CheckpointError(f"{directory}: the chunks of {key} do not cover slice {index} exactly")
+        raise CheckpointError(f"{reader.path}: the chunks of {key} do not cover slice {index} exactly")
 
     class ChunksOfOneSlice(DefaultLoadPlanner):
         def create_local_plan(self) -> LoadPlan:
@@ -145,6 +145,19 @@ def read_leading_slice(directory: Path, key: str, index: int) -> torch.Tensor:
 
     dcp.load({key: target}, storage_reader=reader, planner=ChunksOfOneSlice(), no_dist=True)
     return target[0]
+
+
+class _MetadataOnceReader(FileSystemReader):
+    """PyTorch's checkpoint file reader, parsing ``.metadata`` once for all the per-expert reads of an export."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self._parsed_metadata = None
+
+    def read_metadata(self):
+        if self._parsed_metadata is None:
+            self._parsed_metadata = super().read_metadata()
+        return self._parsed_metadata
 
 
 def _group_of(name: str, key: str) -> str:
@@ -196,6 +209,7 @@ def iter_hf_weights(path: str | Path, mapping_registry, lora=None, adapter_sink=
         preloaded_state_dict=dist_checkpointing.load_common_state_dict(str(directory))
     )
     sharded = model.sharded_state_dict(metadata=metadata)
+    reader = _MetadataOnceReader(str(directory))
     groups: dict[str, list[str]] = {}
     for name, item in sharded.items():
         if isinstance(item, (ShardedTensor, ShardedTensorFactory)):
@@ -204,7 +218,7 @@ def iter_hf_weights(path: str | Path, mapping_registry, lora=None, adapter_sink=
         if ".local_experts." in group:
             # built at EP 1, so the local expert index is the global one
             expert = int(group.split(".local_experts.", 1)[1].split(".", 1)[0])
-            loaded = {group: read_leading_slice(directory, sharded[group].key, expert)}
+            loaded = {group: read_leading_slice(reader, sharded[group].key, expert)}
         else:
             subset = {}
             for name in groups[group]:
@@ -223,10 +237,11 @@ def iter_hf_weights(path: str | Path, mapping_registry, lora=None, adapter_sink=
             weight = loaded[name]
             if lora is not None:
                 factors = lora.factors(name, sharded[name].key)
-                if factors is not None and adapter_sink is not None:
-                    for hf_name, b_rows in mapping.megatron_to_hf(factors[1], module).items():
-                        adapter_sink(hf_name, factors[0], b_rows)
-                weight = lora.merged(name, sharded[name].key, weight)
+                if factors is not None:
+                    if adapter_sink is not None:
+                        for hf_name, b_rows in mapping.megatron_to_hf(factors[1], module).items():
+                            adapter_sink(hf_name, factors[0], b_rows)
+                    weight = lora.merged(name, weight, *factors)
             yield from mapping.megatron_to_hf(weight, module).items()
         for name in groups[group]:  # give the group's memory back before the next load
             sharded[name].data = torch.empty(sharded[name].data.shape, dtype=sharded[name].data.dtype, device="meta")
