@@ -177,12 +177,6 @@ def prepare_data(data: Path, dataset_root: Path) -> tuple[Path, str]:
     return run_on_rank0(lambda: stage_sft_data(data, dataset_root))
 
 
-def _cpu_only() -> bool:
-    from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import cuda_absent
-
-    return cuda_absent()
-
-
 def find_tokenizer(args: argparse.Namespace, pretrained: Path, hf_model: Path | None) -> Path:
     from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
     from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import latest_iteration_dir

@@ -31,7 +31,7 @@ from megatron.bridge.training.config import (
 )
 from megatron.bridge.training.model_load_save import load_model_config
 
-from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import apply_cpu_training_settings, cuda_absent
+from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import apply_cpu_training_settings
 from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import latest_iteration_dir
 from megatron.bridge.models.mimo_v2_flash.sft_data import preprocessing_for
 
@@ -109,7 +109,6 @@ def mimo_v2_flash_finetune_config(
         raise ValueError(f"peft must be 'none' or 'lora', got {peft!r}")
     output_dir = Path(output_dir)
     model, _ = load_model_config(str(latest_iteration_dir(pretrained_checkpoint)))
-    dtype = torch.float32 if cuda_absent() else torch.bfloat16
     model.tensor_model_parallel_size = tp
     model.pipeline_model_parallel_size = pp
     model.expert_model_parallel_size = ep
@@ -117,8 +116,9 @@ def mimo_v2_flash_finetune_config(
     model.virtual_pipeline_model_parallel_size = None
     # Megatron-Core requires sequence parallelism to train MoE layers with tensor parallelism
     model.sequence_parallel = tp > 1
-    model.params_dtype = model.pipeline_dtype = dtype
-    model.bf16, model.fp16 = dtype == torch.bfloat16, False
+    # bf16 as upstream recipes (the CPU settings below switch to fp32)
+    model.params_dtype = model.pipeline_dtype = torch.bfloat16
+    model.bf16, model.fp16 = True, False
     model.seq_length = seq_length
     model.use_transformer_engine = None  # TE on GPUs with TransformerEngine, the local backend otherwise
     model.mtp_loss_scaling_factor = mtp_loss_scale
@@ -143,8 +143,8 @@ def mimo_v2_flash_finetune_config(
             adam_beta1=0.9,
             adam_beta2=0.98,
             clip_grad=1.0,
-            bf16=dtype == torch.bfloat16,
-            params_dtype=dtype,
+            bf16=True,
+            params_dtype=torch.bfloat16,
             use_distributed_optimizer=False,
         ),
         scheduler=SchedulerConfig(
@@ -179,7 +179,7 @@ def mimo_v2_flash_finetune_config(
         ),
         rng=RNGConfig(seed=seed),
         dist=DistributedInitConfig(),
-        mixed_precision="bf16_mixed" if dtype == torch.bfloat16 else None,
+        mixed_precision="bf16_mixed",
         peft=mimo_v2_flash_lora(lora_dim, lora_alpha) if peft == "lora" else None,
     )
     apply_cpu_training_settings(cfg)
