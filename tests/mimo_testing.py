@@ -1,7 +1,8 @@
-"""Test helpers: build a Megatron model from an HF dir, run the oracle, edit checkpoints."""
+"""Test helpers: build a Megatron model from an HF dir, run the oracle, read and edit checkpoints, run examples."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from collections.abc import Callable
@@ -9,6 +10,24 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples/models/mimo_v2_flash"
+
+
+def example_main(name: str) -> Callable:
+    """``main`` of ``examples/models/mimo_v2_flash/<name>.py``, to run a command line in this process."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def hf_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint directory (all shards)."""
+    state = {}
+    for shard in Path(directory).glob("*.safetensors"):
+        state.update(load_file(str(shard)))
+    return state
 
 
 def megatron_model(hf_dir: Path, dtype: torch.dtype = torch.float32, **layout):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mimo_testing import example_main, hf_state_dict
 from safetensors.torch import load_file, save_file
 
 from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import HFCheckpoint
@@ -20,21 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples/models/mimo_v2_flash"
 
 
-def _cli(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-convert = _cli("convert_checkpoints")
-
-
-def _state(directory: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for shard in directory.glob("*.safetensors"):
-        state.update(load_file(str(shard)))
-    return state
+convert = example_main("convert_checkpoints")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +66,7 @@ def _round_trip(hf_dir: Path, tmp_path: Path) -> Path:
 
 def test_bf16_round_trip_is_bit_exact(bf16_hf, tmp_path, parallel_state):
     export_dir = _round_trip(bf16_hf, tmp_path)
-    original, exported = _state(bf16_hf), _state(export_dir)
+    original, exported = hf_state_dict(bf16_hf), hf_state_dict(export_dir)
     assert sorted(original) == sorted(exported)
     assert any(k.startswith("model.mtp.layers.1.") for k in exported)
     for name, tensor in original.items():
@@ -94,7 +80,7 @@ def test_bf16_round_trip_is_bit_exact(bf16_hf, tmp_path, parallel_state):
 def test_fp8_round_trip_equals_bf16_of_dequantized(fp8_hf, tmp_path, parallel_state):
     export_dir = _round_trip(fp8_hf, tmp_path)
     reader = FP8Checkpoint(HFCheckpoint(fp8_hf))
-    exported = _state(export_dir)
+    exported = hf_state_dict(export_dir)
     assert sorted(exported) == sorted(reader.weight_names())
     for name in reader.weight_names():
         dtype = torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16

@@ -7,7 +7,6 @@ forward and the PEFT library.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mimo_testing import example_main, hf_state_dict
 from safetensors.torch import load_file
 
 from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import write_fp8_checkpoint, write_tiny_checkpoint
@@ -27,13 +27,6 @@ ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| lm loss: (\S+) \| mtp_
 TRAIN_FLAGS = ["--seq-length", "64", "--global-batch-size", "4", "--lr", "3e-3"]
 
 pytestmark = pytest.mark.slow
-
-
-def _cli(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def run_finetune(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -66,13 +59,6 @@ def model_tensors(iteration_dir: Path) -> dict[str, torch.Tensor]:
         if not key.startswith("optimizer.") and "_extra_state" not in key and hasattr(meta, "size")
     }
     dcp.load(state, storage_reader=reader, no_dist=True)
-    return state
-
-
-def hf_state(directory: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for shard in directory.glob("*.safetensors"):
-        state.update(load_file(str(shard)))
     return state
 
 
@@ -118,10 +104,10 @@ def test_sft_changes_every_trainable_parameter(sft_run):
 def test_sft_export_matches_transformers(sft_run, fp8_hf, tmp_path):
     output, _ = sft_run
     exported = tmp_path / "hf_out"
-    convert = _cli("convert_checkpoints")
+    convert = example_main("convert_checkpoints")
     assert convert(["export", "--hf-model", str(fp8_hf), "--megatron-path", str(output), "--hf-path", str(exported),
                     "--dtype", "float32"]) == 0  # fmt: skip
-    compare = _cli("compare_logits")
+    compare = example_main("compare_logits")
     assert compare(["--hf-model", str(exported), "--megatron-path", str(output), "--tolerance", "1e-4"]) == 0
 
 
@@ -245,7 +231,7 @@ def lora_exports(lora_run, fp8_hf, tmp_path_factory) -> tuple[Path, Path, Path]:
     output, _ = lora_run
     root = tmp_path_factory.mktemp("lora_export")
     merged, adapter, base = root / "merged", root / "adapter", root / "base"
-    convert = _cli("convert_checkpoints")
+    convert = example_main("convert_checkpoints")
     assert convert(["export", "--hf-model", str(fp8_hf), "--megatron-path", str(output), "--hf-path", str(merged),
                     "--dtype", "float32", "--adapter-path", str(adapter)]) == 0  # fmt: skip
     run_config = (output / "iter_0000005" / "run_config.yaml").read_text()
@@ -259,14 +245,14 @@ def test_lora_merged_export_matches_megatron_adapters(lora_run, lora_exports):
     """transformers on the merged export == Megatron-Bridge's LoRA model (adapters unmerged); the base differs."""
     output, _ = lora_run
     merged, _, base = lora_exports
-    compare = _cli("compare_logits")
+    compare = example_main("compare_logits")
     assert compare(["--hf-model", str(merged), "--megatron-path", str(output), "--tolerance", "1e-4"]) == 0
     assert compare(["--hf-model", str(base), "--megatron-path", str(output), "--tolerance", "1e-4"]) == 1
 
 
 def test_lora_merged_equals_base_plus_adapter(lora_exports):
     merged, adapter, base = lora_exports
-    base_state, merged_state = hf_state(base), hf_state(merged)
+    base_state, merged_state = hf_state_dict(base), hf_state_dict(merged)
     factors = load_file(str(adapter / "adapter_model.safetensors"))
     config = json.loads((adapter / "adapter_config.json").read_text())
     scale = config["lora_alpha"] / config["r"]
@@ -303,7 +289,7 @@ def test_lora_adapter_loads_in_peft(lora_exports):
     kinds = {name.rsplit(".", 1)[-1] for name in wrapped}
     assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     peft_merged = peft_model.merge_and_unload().state_dict()
-    ours = hf_state(merged)
+    ours = hf_state_dict(merged)
     for name in wrapped:
         key = name.removeprefix("base_model.model.") + ".weight"
         torch.testing.assert_close(peft_merged[key], ours[key], rtol=0, atol=1e-6)

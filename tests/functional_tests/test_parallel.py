@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mimo_testing import hf_state_dict
 from safetensors.torch import load_file
 
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError, parse_architecture
@@ -110,10 +111,7 @@ def test_checkpoints_reshard_both_ways_and_export_identically(hf_dir, baseline, 
             "--hf-path",
             tmp_path / name,
         )
-        state = {}
-        for shard in (tmp_path / name).glob("*.safetensors"):
-            state.update(load_file(str(shard)))
-        exports.append(state)
+        exports.append(hf_state_dict(tmp_path / name))
     assert sorted(exports[0]) == sorted(exports[1])
     assert all(torch.equal(exports[0][k], exports[1][k]) for k in exports[0])
 

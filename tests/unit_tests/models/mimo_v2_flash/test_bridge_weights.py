@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mimo_testing import edit_checkpoint
-from safetensors.torch import load_file
+from mimo_testing import edit_checkpoint, hf_state_dict
 
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import merge_asymmetric_qkv, split_asymmetric_qkv
-
-
-def _hub_state(hf_dir):
-    state = {}
-    for shard in hf_dir.glob("*.safetensors"):
-        state.update(load_file(str(shard)))
-    return state
 
 
 def test_auto_bridge_dispatches_to_this_repository(tiny_hf_dir):
@@ -45,7 +37,7 @@ def test_megatron_to_hf_in_memory_round_trip_is_exact(tiny_hf_dir, parallel_stat
     bridge = AutoBridge.from_hf_pretrained(str(tiny_hf_dir))
     model = build_model(configure_provider(bridge.to_megatron_provider(load_weights=True), torch.float32))
     exported = dict(bridge.export_hf_weights([model], cpu=True, show_progress=False))
-    original = _hub_state(tiny_hf_dir)
+    original = hf_state_dict(tiny_hf_dir)
     assert sorted(exported) == sorted(original)
     for name, tensor in original.items():
         assert torch.equal(exported[name], tensor), name

@@ -6,17 +6,9 @@ import json
 
 import torch
 from mimo_reference import mtp_logits
-from mimo_testing import hf_model, megatron_model
-from safetensors.torch import load_file
+from mimo_testing import hf_model, hf_state_dict, megatron_model
 
 from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import tiny_config, write_tiny_checkpoint
-
-
-def _hub_state(hf_dir):
-    state = {}
-    for shard in hf_dir.glob("*.safetensors"):
-        state.update(load_file(str(shard)))
-    return state
 
 
 def test_mtp_layers_match_reference(tmp_path, parallel_state):
@@ -33,7 +25,7 @@ def test_mtp_layers_match_reference(tmp_path, parallel_state):
         ours = [model.output_layer(chunk)[0][:, 0] for chunk in chunks[1:]]
         main_hidden = hf_model(hf_dir).model(ids).last_hidden_state[0]
     config = json.loads((hf_dir / "config.json").read_text())
-    reference = mtp_logits(ids[0], main_hidden, _hub_state(hf_dir), config, num_layers=2)
+    reference = mtp_logits(ids[0], main_hidden, hf_state_dict(hf_dir), config, num_layers=2)
     for layer, (got, want) in enumerate(zip(ours, reference, strict=True)):
         assert (got - want).abs().max().item() <= 1e-4, f"MTP layer {layer}"
     # The two MTP layers differ (the reference is not trivially matching a copy).

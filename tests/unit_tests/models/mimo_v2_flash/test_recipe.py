@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from mimo_testing import example_main
 
 from megatron.bridge.models.mimo_v2_flash import cpu_adaptations
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import mimo_v2_flash_finetune_config
@@ -16,11 +16,9 @@ REPO = Path(__file__).resolve().parents[4]
 
 @pytest.fixture(scope="module")
 def pretrained(tiny_hf_dir, parallel_state, tmp_path_factory) -> Path:
-    spec = importlib.util.spec_from_file_location("cc", REPO / "examples/models/mimo_v2_flash/convert_checkpoints.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    convert = example_main("convert_checkpoints")
     output = tmp_path_factory.mktemp("recipe") / "mcore"
-    assert module.main(["import", "--hf-model", str(tiny_hf_dir), "--megatron-path", str(output), "--dtype",
+    assert convert(["import", "--hf-model", str(tiny_hf_dir), "--megatron-path", str(output), "--dtype",
                         "float32"]) == 0  # fmt: skip
     return output
 
