@@ -103,6 +103,30 @@ def test_grid_layout_is_exact_including_partial_blocks(shape, block, tmp_path):
     assert torch.equal(ckpt.get(name, torch.bfloat16), expected.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("with_nan", [False, True])
+@pytest.mark.parametrize("scale_value", [1e-3, 3.0e-41, 2.0**119, 3.0e38])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_every_fp8_value_dequantizes_exactly(with_nan, scale_value, dtype, tmp_path):
+    """All 256 bit patterns (zeros, subnormals, the maximum, NaN) and scales from subnormal to near overflow."""
+    patterns = torch.arange(256, dtype=torch.uint8)
+    if not with_nan:
+        patterns = patterns[(patterns & 0x7F) != 0x7F]
+    rows = patterns.repeat(4)[: 16 * (4 * patterns.numel() // 16)].view(-1, 16)
+    q = rows.view(FP8_DTYPE)
+    s = torch.full((math.ceil(q.shape[0] / 8), 2), scale_value)
+    s[0, 1] = -scale_value / 3  # a second, non-power-of-two scale in every column of blocks
+    name = "model.layers.0.mlp.experts.0.up_proj.weight"
+    ckpt = FP8Checkpoint(
+        HFCheckpoint(write_checkpoint(tmp_path, {name: q, name + "_scale_inv": s}, config_for(192, 128, (8, 8))))
+    )
+    expected = reference_grid(q, s, 8, 8).to(dtype)
+    got = ckpt.get(name, dtype)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    same = (got.view(bits) == expected.view(bits)) | (torch.isnan(got) & torch.isnan(expected))
+    assert bool(same.all())  # bit for bit, signed zeros included; NaN where the reference has NaN
+    assert bool(torch.isnan(got).any()) == with_nan
+
+
 @pytest.mark.parametrize(
     "kv_heads, dk, dv, block",
     [(4, 192, 128, (128, 128)), (8, 192, 128, (128, 128)), (2, 24, 16, (16, 16)), (3, 40, 72, (32, 16))],

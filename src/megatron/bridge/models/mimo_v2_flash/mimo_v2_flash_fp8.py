@@ -28,6 +28,7 @@ from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max
 SCALE_SUFFIX = "_scale_inv"
+HALF_EXPONENT_SHIFT = 8  # float16's exponent bias 15 minus float8_e4m3fn's 7
 
 
 @dataclass(frozen=True)
@@ -68,11 +69,34 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, c
     rows, cols = weight.shape
     out = torch.empty(rows, cols, dtype=dtype)
     column_scales = scale.float().repeat_interleave(col_block, dim=1)[:, :cols]
+    # PyTorch's float8 -> float32 cast is scalar code; the float16 route below is vectorized (about 3x faster).
+    # It yields fp8 * 2**-8, so the scales absorb 2**8: a power-of-two factor, exact while the scales stay finite.
+    fast = bool(torch.isfinite(column_scales * 2.0**HALF_EXPONENT_SHIFT).all()) and not _has_nan(weight)
+    if fast:
+        column_scales = column_scales * 2.0**HALF_EXPONENT_SHIFT
     row_map = layout.row_to_scale_row
     starts = [0, *(torch.nonzero(row_map[1:] != row_map[:-1]).flatten() + 1).tolist()]
     for start, stop in zip(starts, [*starts[1:], rows], strict=True):
-        out[start:stop] = (weight[start:stop].float() * column_scales[int(row_map[start])]).to(dtype)
+        values = _fp8_as_scaled_float(weight[start:stop]) if fast else weight[start:stop].float()
+        # The product is computed in fp32 and rounded once on its way into ``out``.
+        torch.mul(values, column_scales[int(row_map[start])], out=out[start:stop])
     return out
+
+
+def _has_nan(weight: torch.Tensor) -> bool:
+    """float8_e4m3fn has NaN only as 0x7F / 0xFF (no infinities)."""
+    return bool(((weight.view(torch.uint8) & 0x7F) == 0x7F).any())
+
+
+def _fp8_as_scaled_float(weight: torch.Tensor) -> torch.Tensor:
+    """``weight.float() * 2**-8`` exactly, for float8_e4m3fn without NaN.
+
+    The fp8 bits shifted left by 7 are a float16 with the same sign, exponent field and mantissa (subnormals
+    included); only the exponent bias differs. Sign extension of the int8 view puts the sign in bit 15 and also
+    in bit 14, which is cleared.
+    """
+    bits = weight.view(torch.int8).to(torch.int16).bitwise_left_shift_(7).bitwise_and_(~0x4000)
+    return bits.view(torch.float16).float()
 
 
 def block_amax(weight: torch.Tensor, row_map: torch.Tensor, col_block: int, num_scale_rows: int) -> torch.Tensor:
