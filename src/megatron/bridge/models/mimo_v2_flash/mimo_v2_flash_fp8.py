@@ -29,6 +29,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max
 SCALE_SUFFIX = "_scale_inv"
 HALF_EXPONENT_SHIFT = 8  # float16's exponent bias 15 minus float8_e4m3fn's 7
+FP8_MAX_SCALED = FP8_MAX * 2.0**-HALF_EXPONENT_SHIFT
 
 
 @dataclass(frozen=True)
@@ -71,32 +72,39 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, c
     column_scales = scale.float().repeat_interleave(col_block, dim=1)[:, :cols]
     # PyTorch's float8 -> float32 cast is scalar code; the float16 route below is vectorized (about 3x faster).
     # It yields fp8 * 2**-8, so the scales absorb 2**8: a power-of-two factor, exact while the scales stay finite.
-    fast = bool(torch.isfinite(column_scales * 2.0**HALF_EXPONENT_SHIFT).all()) and not _has_nan(weight)
-    if fast:
-        column_scales = column_scales * 2.0**HALF_EXPONENT_SHIFT
+    shifted_scales = column_scales * 2.0**HALF_EXPONENT_SHIFT
+    fast = bool(torch.isfinite(shifted_scales).all())
     row_map = layout.row_to_scale_row
     starts = [0, *(torch.nonzero(row_map[1:] != row_map[:-1]).flatten() + 1).tolist()]
-    for start, stop in zip(starts, [*starts[1:], rows], strict=True):
-        values = _fp8_as_scaled_float(weight[start:stop]) if fast else weight[start:stop].float()
+    stops = [*starts[1:], rows]
+    # One set of temporaries for all runs: allocating them per run page-faults fresh memory every time.
+    run_rows = max(stop - start for start, stop in zip(starts, stops, strict=True))
+    bits = torch.empty(run_rows, cols, dtype=torch.int16) if fast else None
+    values = torch.empty(run_rows, cols, dtype=torch.float32)
+    for start, stop in zip(starts, stops, strict=True):
+        run = values[: stop - start]
+        if fast and _fp8_as_scaled_float(weight[start:stop], bits[: stop - start], run):
+            run_scales = shifted_scales[int(row_map[start])]
+        else:
+            run.copy_(weight[start:stop])
+            run_scales = column_scales[int(row_map[start])]
         # The product is computed in fp32 and rounded once on its way into ``out``.
-        torch.mul(values, column_scales[int(row_map[start])], out=out[start:stop])
+        torch.mul(run, run_scales, out=out[start:stop])
     return out
 
 
-def _has_nan(weight: torch.Tensor) -> bool:
-    """float8_e4m3fn has NaN only as 0x7F / 0xFF (no infinities)."""
-    return bool(((weight.view(torch.uint8) & 0x7F) == 0x7F).any())
-
-
-def _fp8_as_scaled_float(weight: torch.Tensor) -> torch.Tensor:
-    """``weight.float() * 2**-8`` exactly, for float8_e4m3fn without NaN.
+def _fp8_as_scaled_float(weight: torch.Tensor, bits: torch.Tensor, out: torch.Tensor) -> bool:
+    """``out = weight.float() * 2**-8`` exactly (``bits``: int16 workspace); False if ``weight`` holds NaN.
 
     The fp8 bits shifted left by 7 are a float16 with the same sign, exponent field and mantissa (subnormals
     included); only the exponent bias differs. Sign extension of the int8 view puts the sign in bit 15 and also
-    in bit 14, which is cleared.
+    in bit 14, which is cleared. float8_e4m3fn has no infinities and one NaN pattern per sign (exponent and
+    mantissa all ones), which lands on +-1.875, beyond the largest finite value 448 * 2**-8 = 1.75.
     """
-    bits = weight.view(torch.int8).to(torch.int16).bitwise_left_shift_(7).bitwise_and_(~0x4000)
-    return bits.view(torch.float16).float()
+    bits.copy_(weight.view(torch.int8)).bitwise_left_shift_(7).bitwise_and_(~0x4000)
+    out.copy_(bits.view(torch.float16))
+    low, high = torch.aminmax(out)
+    return bool(high <= FP8_MAX_SCALED) and bool(low >= -FP8_MAX_SCALED)
 
 
 def block_amax(weight: torch.Tensor, row_map: torch.Tensor, col_block: int, num_scale_rows: int) -> torch.Tensor:

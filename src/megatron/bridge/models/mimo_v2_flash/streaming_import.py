@@ -4,12 +4,15 @@ The model is built on the meta device. Megatron-Bridge's own ``save_checkpoint``
 the same torch_dist checkpoint training loads) with a save strategy whose planner materializes each tensor only
 when PyTorch's file writer asks for it: the parameter behind a write item (found through its meta storage) is
 produced by the bridge's HF -> Megatron mapping from the (FP8-dequantizing) checkpoint reader, the item's view of
-it is written, and it is dropped. Memory holds about one parameter plus the file writer's buffer.
+it is written, and it is dropped. While the writer writes one parameter, a worker thread computes the next one
+(reading, dequantizing and mapping overlap with writing); memory holds about two parameters plus the file
+writer's buffer.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -21,6 +24,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.planner import WriteItemType
 from tqdm import tqdm
 
 
@@ -29,9 +33,14 @@ def _storage_key(tensor: torch.Tensor) -> int:
 
 
 class ParameterMaterializer:
-    """Computes real values for meta parameters of ``model`` from an HF checkpoint, one parameter at a time."""
+    """Computes real values for meta parameters of ``model`` from an HF checkpoint, one parameter at a time.
 
-    def __init__(self, model, bridge, hf_state, cache_size: int = 1, progress=None) -> None:
+    All mapping work runs on one worker thread, in request order: given the expected order (:meth:`expect`), the
+    parameter after the one being written is computed meanwhile. At most two values are alive: the current one
+    and the next.
+    """
+
+    def __init__(self, model, bridge, hf_state, progress=None) -> None:
         self.model = model
         self.bridge = bridge
         self.hf_state = hf_state
@@ -39,27 +48,59 @@ class ParameterMaterializer:
         self.names = {}
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             self.names.setdefault(_storage_key(tensor), (name, tensor))
-        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.cache_size = cache_size
+        self.metas = dict(self.names.values())
         self.tensors = 0
         self.progress = progress
+        self._current: tuple[str, torch.Tensor] | None = None
+        self._next_name: dict[str, str] = {}
+        self._pending: dict[str, Future] = {}
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="materialize")
+
+    def expect(self, views: Iterable[torch.Tensor]) -> None:
+        """The meta views in the order they will be asked for."""
+        order = []
+        for view in views:
+            name = self.names[_storage_key(view)][0]
+            if not order or order[-1] != name:
+                order.append(name)
+        self._next_name = dict(zip(order[:-1], order[1:], strict=True))
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        self._pending.clear()
+        self._current = None
 
     def __call__(self, view: torch.Tensor) -> torch.Tensor:
         """The real data of a meta tensor ``view`` (a view of some parameter or buffer)."""
-        name, meta = self.names[_storage_key(view)]
-        real = self._parameter(name, meta)
-        # A view of the cached value: PyTorch's writer copies it only when it is a partial view of the storage.
+        real = self._parameter(self.names[_storage_key(view)][0])
+        # A view of the current value: PyTorch's writer copies it only when it is a partial view of the storage.
         item = torch.as_strided(real, view.shape, view.stride(), view.storage_offset())
         if self.progress is not None:
             self.progress(item.numel() * item.element_size())
         return item
 
-    def _parameter(self, name: str, meta: torch.Tensor) -> torch.Tensor:
-        if name in self.cache:
-            self.cache.move_to_end(name)
-            return self.cache[name]
-        while len(self.cache) >= self.cache_size:  # make room first: never hold the old and the new value
-            self.cache.popitem(last=False)
+    def _parameter(self, name: str) -> torch.Tensor:
+        if self._current is not None and self._current[0] == name:
+            return self._current[1]
+        self._current = None  # the writer is done with it: free it before the next value lands
+        future = self._submit(name)
+        for unexpected in [n for n in self._pending if n != name]:  # requests out of the expected order
+            self._pending.pop(unexpected).cancel()
+        value = future.result()
+        del self._pending[name]
+        self._current = (name, value)
+        following = self._next_name.get(name)
+        if following is not None:
+            self._submit(following)
+        return value
+
+    def _submit(self, name: str) -> Future:
+        if name not in self._pending:
+            self._pending[name] = self._worker.submit(self._compute, name)
+        return self._pending[name]
+
+    def _compute(self, name: str) -> torch.Tensor:
+        meta = self.metas[name]
         mapping = self.registry.megatron_to_hf_lookup(name)
         if mapping is None:
             # Buffers without an HF counterpart (e.g. token counters) start from their initial value: zeros.
@@ -76,15 +117,21 @@ class ParameterMaterializer:
                 raise ValueError(
                     f"{name}: mapped to shape {tuple(value.shape)}, the model expects {tuple(meta.shape)}"
                 )
-        self.cache[name] = value
         self.tensors += 1
         return value
 
 
 class _MaterializingPlanner(MCoreSavePlanner):
-    def __init__(self, materialize, **kwargs) -> None:
+    def __init__(self, materialize: ParameterMaterializer, **kwargs) -> None:
         super().__init__(**kwargs)
         self.materialize = materialize
+
+    def finish_plan(self, new_plan):
+        plan = super().finish_plan(new_plan)
+        # The file writer resolves the items in plan order (one file each): announce it for computing ahead.
+        tensors = [self.lookup_object(item.index) for item in plan.items if item.type != WriteItemType.BYTE_IO]
+        self.materialize.expect(t for t in tensors if isinstance(t, torch.Tensor) and t.is_meta)
+        return plan
 
     def resolve_data(self, write_item):
         data = super().resolve_data(write_item)
@@ -114,7 +161,10 @@ class MaterializingSaveStrategy(TorchDistSaveShardedStrategy):
         # One file per item: PyTorch's writer keeps every tensor of a file alive until the file is closed.
         # No fsync per file: the whole directory only becomes visible by the final rename.
         writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=False, thread_count=1, sync_files=False)
-        dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
+        try:
+            dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
+        finally:
+            self.materialize.close()
 
     def can_handle_sharded_objects(self) -> bool:
         return True
