@@ -18,6 +18,7 @@ Expected problems (bad or truncated files, missing tensors or scales, wrong shap
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -78,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Transparent huge pages for large tensors: conversion allocates gigabytes of short-lived tensors, and
+    # faulting them in 4 KiB at a time cost more CPU than dequantizing them. PyTorch reads this at its first
+    # allocation, so it is set before torch is imported.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     quiet_framework_logs()
     import torch
 

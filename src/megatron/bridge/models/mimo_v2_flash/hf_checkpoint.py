@@ -146,8 +146,8 @@ class HFCheckpoint:
     def shard_sizes(self) -> dict[str, int]:
         return {shard: (self.directory / shard).stat().st_size for shard in self.headers}
 
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into fresh memory (only its bytes are read).
+    def get(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor (only its bytes) into fresh memory, or into the front of a uint8 ``buffer`` if given.
 
         Plain reads, not a memory map: pages of a mapped shard stay in this process's resident set until the map
         is closed, so streaming a shard through a map holds up to the whole shard; a read tensor is freed with
@@ -163,7 +163,9 @@ class HFCheckpoint:
         shape = tuple(info["shape"])
         if math.prod(shape) * dtype.itemsize != end - start:
             raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes, its shape {shape} needs more")
-        buffer = torch.empty(end - start, dtype=torch.uint8)
+        if buffer is None or buffer.numel() < end - start:
+            buffer = torch.empty(end - start, dtype=torch.uint8)
+        buffer = buffer[: end - start]
         try:
             with path.open("rb", buffering=0) as handle:
                 handle.seek(self._data_start[shard] + start)

@@ -19,6 +19,7 @@ tensor and both shapes; block sizes are never guessed from ``rows // scale_rows`
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,27 @@ FP8_MAX = torch.finfo(FP8_DTYPE).max
 SCALE_SUFFIX = "_scale_inv"
 HALF_EXPONENT_SHIFT = 8  # float16's exponent bias 15 minus float8_e4m3fn's 7
 FP8_MAX_SCALED = FP8_MAX * 2.0**-HALF_EXPONENT_SHIFT
+
+
+class ScratchBuffers(threading.local):
+    """Per-thread buffers reused from call to call, grown on demand.
+
+    Conversion would otherwise allocate a fresh FP8 read buffer and fresh temporaries for every weight; the
+    allocator maps large blocks anew each time, and page-faulting them in cost more than the dequantization.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, role: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self.buffers.get(role)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+            self.buffers.pop(role, None)  # free the old one before allocating its replacement
+            buffer = self.buffers[role] = torch.empty(numel, dtype=dtype)
+        return buffer[:numel]
+
+
+_SCRATCH = ScratchBuffers()
 
 
 @dataclass(frozen=True)
@@ -79,8 +101,8 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, c
     stops = [*starts[1:], rows]
     # One set of temporaries for all runs: allocating them per run page-faults fresh memory every time.
     run_rows = max(stop - start for start, stop in zip(starts, stops, strict=True))
-    bits = torch.empty(run_rows, cols, dtype=torch.int16) if fast else None
-    values = torch.empty(run_rows, cols, dtype=torch.float32)
+    bits = _SCRATCH.get("fp8 bits", run_rows * cols, torch.int16).view(run_rows, cols) if fast else None
+    values = _SCRATCH.get("fp32 run", run_rows * cols, torch.float32).view(run_rows, cols)
     for start, stop in zip(starts, stops, strict=True):
         run = values[: stop - start]
         if fast and _fp8_as_scaled_float(weight[start:stop], bits[: stop - start], run):
@@ -88,8 +110,8 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, c
         else:
             run.copy_(weight[start:stop])
             run_scales = column_scales[int(row_map[start])]
-        # The product is computed in fp32 and rounded once on its way into ``out``.
-        torch.mul(run, run_scales, out=out[start:stop])
+        # The fp32 product, cast once. (``torch.mul(..., out=<bf16>)`` would allocate an fp32 temporary per run.)
+        out[start:stop].copy_(run.mul_(run_scales))
     return out
 
 
@@ -157,9 +179,11 @@ class FP8Checkpoint:
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor as stored, or dequantized exactly if FP8 (to ``dtype``, default fp32)."""
-        tensor = self.checkpoint.get(name)
-        if tensor.dtype != FP8_DTYPE:
+        if self.checkpoint.dtype(name) != FP8_DTYPE:
+            tensor = self.checkpoint.get(name)
             return tensor if dtype is None else tensor.to(dtype)
+        # The FP8 bytes are only read by the dequantization below, so they can go to a reused buffer.
+        tensor = self.checkpoint.get(name, _SCRATCH.get("fp8 read", self.checkpoint.nbytes(name), torch.uint8))
         scale = self.checkpoint.get(name + SCALE_SUFFIX)
         return dequantize(tensor, scale, self.layout(name), self.block[1], dtype or torch.float32)
 
