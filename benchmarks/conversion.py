@@ -5,9 +5,14 @@
 
 Builds a >= 2 GB checkpoint (hidden 4096, 64 heads, Q/K 192, V 128, 4/8 KV heads, expert intermediate 2048,
 dense intermediate 16384, FP8 128x128 blocks with the released K|V layout, a few layers, smaller vocabulary),
-then measures in one run, each command in its own process:
-  * `cp -r` of the checkpoint (baseline bytes/s),
-  * `convert_checkpoints.py import` and `export`: peak RSS against the largest shard, throughput against cp.
+then measures in one run, each command in its own process, after a `sync` so that no earlier write is still
+being flushed:
+  * `cp -r` of each direction's input (the FP8 HF checkpoint for import, the Megatron checkpoint for export),
+    right before that direction's command: the baseline bytes/s,
+  * `convert_checkpoints.py import` and `export`: peak RSS against the largest shard, and throughput against
+    cp of the same input, for the whole command (interpreter and framework start included) and for the
+    conversion alone (the seconds the command reports; the start-up is a constant that a 600 GB conversion
+    does not notice).
 Goals (issue): peak RSS <= 2 x largest shard + 1 GiB, throughput >= 0.5 x cp.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -107,14 +113,33 @@ def write_checkpoint(directory: Path, cfg: dict, shard_bytes: int = 512 * 1024**
     (directory / "config.json").write_text(json.dumps(cfg))
 
 
-def measured(command: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS GiB) of a command run in its own process."""
+def measured(command: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS GiB, stdout) of a command run in its own process, started with nothing to flush."""
+    subprocess.run(["sync"], check=True)
     start = time.perf_counter()
     result = subprocess.run(["/usr/bin/time", "-f", "%M", *command], capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"benchmark command failed: {' '.join(command)}\n{result.stderr[-3000:]}")
-    return seconds, int(result.stderr.strip().splitlines()[-1]) * 1024 / GIB
+    return seconds, int(result.stderr.strip().splitlines()[-1]) * 1024 / GIB, result.stdout
+
+
+def copy_seconds(source: Path, scratch: Path) -> float:
+    seconds, _, _ = measured(["cp", "-r", str(source), str(scratch)])
+    shutil.rmtree(scratch)
+    return seconds
+
+
+def reported_seconds(stdout: str) -> float:
+    """The conversion time from the command's summary line ('imported N tensors (X MiB) in S s ...')."""
+    found = re.search(r"(?:imported|exported) \d+ tensors \([0-9.]+ MiB\) in ([0-9.]+) s", stdout)
+    if found is None:
+        raise SystemExit(f"no summary line in the command's output:\n{stdout[-2000:]}")
+    return float(found.group(1))
+
+
+def directory_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
 def main() -> int:
@@ -139,13 +164,14 @@ def main() -> int:
         print(
             f"checkpoint: {total / GIB:.2f} GiB in {len(shards)} shards, largest {largest / GIB:.2f} GiB", flush=True
         )
-        cp_s, _ = measured(["cp", "-r", str(hf), str(work / "copy")])
-        shutil.rmtree(work / "copy")
         py = sys.executable
-        imp_s, imp_rss = measured(
+        cp_import = copy_seconds(hf, work / "copy")
+        imp_s, imp_rss, imp_out = measured(
             [py, str(CONVERT), "import", "--hf-model", str(hf), "--megatron-path", str(work / "mcore")]
         )
-        exp_s, exp_rss = measured(
+        mcore_bytes = directory_bytes(work / "mcore")
+        cp_export = copy_seconds(work / "mcore", work / "copy")
+        exp_s, exp_rss, exp_out = measured(
             [
                 py,
                 str(CONVERT),
@@ -160,16 +186,20 @@ def main() -> int:
                 f"{largest / GIB:.3f}",
             ]
         )
-        _, base_rss = measured([py, "-c", "import megatron.bridge.models.mimo_v2_flash.conversion"])
+        _, base_rss, _ = measured([py, "-c", "import megatron.bridge.models.mimo_v2_flash.conversion"])
         goal = (2 * largest + GIB) / GIB
         print(f"baseline: importing the framework alone peaks at {base_rss:.2f} GiB RSS")
-        print(f"cp -r:   {cp_s:6.1f} s  {total / cp_s / 1024**2:7.1f} MB/s")
-        for name, seconds, rss in (("import", imp_s, imp_rss), ("export", exp_s, exp_rss)):
+        rows = (
+            ("import", total, cp_import, imp_s, reported_seconds(imp_out), imp_rss),
+            ("export", mcore_bytes, cp_export, exp_s, reported_seconds(exp_out), exp_rss),
+        )
+        for name, nbytes, cp_s, seconds, converting, rss in rows:
             print(
-                f"{name}:  {seconds:6.1f} s  {total / seconds / 1024**2:7.1f} MB/s  "
-                f"throughput {cp_s / seconds:.2f} x cp  "
-                f"peak RSS {rss:.2f} GiB = {rss / (largest / GIB):.2f} x largest shard (goal <= {goal:.2f} GiB: "
-                f"{'met' if rss <= goal else 'NOT met'})"
+                f"{name}: input {nbytes / GIB:.2f} GiB; cp -r {cp_s:.1f} s ({nbytes / cp_s / 1024**2:.0f} MB/s); "
+                f"command {seconds:.1f} s ({nbytes / seconds / 1024**2:.0f} MB/s, {cp_s / seconds:.2f} x cp); "
+                f"conversion alone {converting:.1f} s ({nbytes / converting / 1024**2:.0f} MB/s, "
+                f"{cp_s / converting:.2f} x cp); peak RSS {rss:.2f} GiB = {rss / (largest / GIB):.2f} x largest "
+                f"shard (goal <= {goal:.2f} GiB: {'met' if rss <= goal else 'NOT met'})"
             )
     finally:
         if not args.keep:

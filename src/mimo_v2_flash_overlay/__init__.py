@@ -174,6 +174,8 @@ def quiet_framework_logs() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|modelopt)(\..*)?")
+    # torch.distributed.checkpoint notes that a single process loads without process groups: intended here.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\.checkpoint(\..*)?")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in (
