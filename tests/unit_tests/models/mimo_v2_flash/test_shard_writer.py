@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
-from megatron.bridge.models.mimo_v2_flash.hf_export import ShardWriter
+from megatron.bridge.models.mimo_v2_flash.hf_export import ShardWriter, read_ahead
 
 
 def tensors() -> dict[str, torch.Tensor]:
@@ -51,3 +53,46 @@ def test_duplicate_name_is_refused(tmp_path):
     writer.add("a", torch.zeros(2))
     with pytest.raises(CheckpointError, match="tensor a twice"):
         writer.add("a", torch.zeros(2))
+
+
+def _tracked(count: int, nbytes: int, produced: list[int], fail_at: int | None = None):
+    for index in range(count):
+        if index == fail_at:
+            raise CheckpointError(f"bad tensor {index}")
+        produced.append(index)
+        yield f"t{index}", torch.zeros(nbytes, dtype=torch.uint8)
+
+
+def test_read_ahead_keeps_order_and_stays_within_its_byte_budget():
+    produced: list[int] = []
+    seen = []
+    for name, tensor in read_ahead(_tracked(40, 100, produced), max_bytes=250):
+        time.sleep(0.002)  # a slow consumer: the worker runs ahead as far as the budget allows
+        # produced but not yet consumed: the queue (<= 250 bytes, so 2) plus the one the worker holds
+        assert len(produced) - len(seen) - 1 <= 3
+        seen.append(name)
+        assert tensor.numel() == 100
+    assert seen == [f"t{i}" for i in range(40)]
+    assert len(produced) == 40
+
+
+def test_read_ahead_passes_a_single_item_larger_than_the_budget():
+    assert [name for name, _ in read_ahead(_tracked(3, 1000, []), max_bytes=10)] == ["t0", "t1", "t2"]
+
+
+def test_read_ahead_raises_the_workers_error_after_the_items_before_it():
+    seen = []
+    with pytest.raises(CheckpointError, match="bad tensor 5"):
+        for name, _ in read_ahead(_tracked(10, 10, [], fail_at=5), max_bytes=1000):
+            seen.append(name)
+    assert seen == [f"t{i}" for i in range(5)]
+
+
+def test_read_ahead_stops_the_worker_when_the_consumer_stops():
+    produced: list[int] = []
+    stream = read_ahead(_tracked(1000, 10, produced), max_bytes=50)
+    for _ in range(3):
+        next(stream)
+    stream.close()  # joins the worker
+    assert len(produced) < 20
+    assert not any(t.name == "export-read-ahead" and t.is_alive() for t in threading.enumerate())

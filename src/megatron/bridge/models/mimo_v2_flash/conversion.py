@@ -135,14 +135,15 @@ def export_checkpoint(
     seen: set[str] = set()
 
     def progress(name: str, nbytes: int) -> None:
-        seen.add(name)
         moved["bytes"] += nbytes
         elapsed = max(bar.format_dict["elapsed"], 1e-9)
         bar.set_postfix_str(f"{moved['bytes'] / elapsed / 1024**2:.1f} MB/s", refresh=False)
         bar.update(1)
 
     def checked(weights):
-        yield from weights
+        for name, tensor in weights:
+            seen.add(name)
+            yield name, tensor
         missing, extra = sorted(expected - seen), sorted(seen - expected)
         if missing or extra:
             raise CheckpointError(

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import threading
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import parse_arch
 from megatron.bridge.models.mimo_v2_flash.output_dirs import replace_directory, staging_dir
 
 KEEP_FP32 = ("e_score_correction_bias",)
+READ_AHEAD_BYTES = 64 * 1024**2
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 
@@ -129,6 +132,62 @@ def copy_artifacts(source: Path, target: Path) -> list[str]:
     return copied
 
 
+def read_ahead(items: Iterable[tuple[str, torch.Tensor]], max_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """``items``, produced by a worker thread while the caller consumes the ones before.
+
+    The worker stays at most ``max_bytes`` of tensors ahead (always at least one tensor), so reading and mapping
+    the next weights overlaps writing the current one at a bounded cost in memory. An exception in the worker is
+    raised here; if the caller stops early, the worker stops after its current item.
+    """
+    ready: deque = deque()
+    state = {"bytes": 0, "done": False, "error": None, "stop": False}
+    changed = threading.Condition()
+
+    def produce() -> None:
+        try:
+            for name, tensor in items:
+                size = tensor.numel() * tensor.element_size()
+
+                def room(size: int = size) -> bool:
+                    return state["stop"] or not ready or state["bytes"] + size <= max_bytes
+
+                with changed:
+                    changed.wait_for(room)
+                    if state["stop"]:
+                        return
+                    ready.append((name, tensor, size))
+                    state["bytes"] += size
+                    changed.notify_all()
+        except BaseException as error:  # handed to the consumer, which raises it
+            state["error"] = error
+        finally:
+            with changed:
+                state["done"] = True
+                changed.notify_all()
+
+    worker = threading.Thread(target=produce, name="export-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            with changed:
+                changed.wait_for(lambda: ready or state["done"])
+                if not ready:
+                    break
+                name, tensor, size = ready.popleft()
+                state["bytes"] -= size
+                changed.notify_all()
+            yield name, tensor
+            del tensor
+        if state["error"] is not None:
+            raise state["error"]
+    finally:
+        with changed:
+            state["stop"] = True
+            ready.clear()
+            changed.notify_all()
+        worker.join()
+
+
 def write_hf_checkpoint(
     weights: Iterable[tuple[str, torch.Tensor]],
     original_dir: Path,
@@ -145,7 +204,7 @@ def write_hf_checkpoint(
     try:
         writer = ShardWriter(staging, max_shard_bytes)
         count = 0
-        for name, tensor in weights:
+        for name, tensor in read_ahead(weights, READ_AHEAD_BYTES):
             target = torch.float32 if name.endswith(KEEP_FP32) else dtype
             writer.add(name, tensor.detach().to("cpu", target))
             count += 1
