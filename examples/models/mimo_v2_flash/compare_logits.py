@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         hf_logits = hf_model.eval()(torch.tensor([ids])).logits[0].float()
     initialize_parallel_state()
-    megatron_logits = forward_logits(load_megatron_checkpoint(args.megatron_path, torch.float32), ids)
+    megatron_logits = forward_logits(load_megatron_checkpoint(args.megatron_path, torch.float32), ids).cpu()
     diff = (hf_logits - megatron_logits).abs().max().item()
     verdict = "OK" if diff <= args.tolerance else "FAIL"
     print(
