@@ -11,8 +11,9 @@ writer's buffer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -140,6 +141,22 @@ class _MaterializingPlanner(MCoreSavePlanner):
         return data
 
 
+@contextmanager
+def one_core_for_the_writer() -> Iterator[None]:
+    """Intra-op threads for the computing worker: all cores but the one the file writer keeps busy.
+
+    With every core given to intra-op threads besides the writer, the threads outnumber the cores and wait on
+    each other at every operation (2 cores: dequantization 8.6 s -> 5.3 s with one intra-op thread).
+    A thread started later (the worker) takes the setting at its first operation.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class MaterializingSaveStrategy(TorchDistSaveShardedStrategy):
     """torch_dist save whose tensors are produced lazily, item by item, by PyTorch's serial file writer."""
 
@@ -162,7 +179,8 @@ class MaterializingSaveStrategy(TorchDistSaveShardedStrategy):
         # No fsync per file: the whole directory only becomes visible by the final rename.
         writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=False, thread_count=1, sync_files=False)
         try:
-            dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
+            with one_core_for_the_writer():
+                dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
         finally:
             self.materialize.close()
 
