@@ -13,6 +13,7 @@ being flushed:
     cp of the same input, for the whole command (interpreter and framework start included) and for the
     conversion alone (the seconds the command reports; the start-up is a constant that a 600 GB conversion
     does not notice).
+FP8 -> BF16 import writes twice the bytes it reads, so its time is also given against cp of what it writes.
 Goals (issue): peak RSS <= 2 x largest shard + 1 GiB, throughput >= 0.5 x cp.
 """
 
@@ -201,6 +202,11 @@ def main() -> int:
                 f"{cp_s / converting:.2f} x cp); peak RSS {rss:.2f} GiB = {rss / (largest / GIB):.2f} x largest "
                 f"shard (goal <= {goal:.2f} GiB: {'met' if rss <= goal else 'NOT met'})"
             )
+        # FP8 -> BF16 doubles the bytes: the import writes the Megatron checkpoint, whose cp was timed for export.
+        print(
+            f"import output: {mcore_bytes / GIB:.2f} GiB written (cp -r of it {cp_export:.1f} s); against that cp, "
+            f"command {cp_export / imp_s:.2f} x, conversion alone {cp_export / reported_seconds(imp_out):.2f} x"
+        )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
