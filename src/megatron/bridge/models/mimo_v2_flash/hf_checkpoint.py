@@ -40,8 +40,11 @@ class CheckpointError(ValueError):
     """An expected, user-facing problem with a checkpoint (reported as one line, no traceback)."""
 
 
-def read_safetensors_header(path: Path) -> dict:
-    """Parse a safetensors header and check every tensor's byte range lies inside the file."""
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Parse a safetensors header; returns it and the file offset where tensor data starts.
+
+    Every tensor's byte range must lie inside the file and hold exactly its shape's bytes.
+    """
     size = path.stat().st_size
     try:
         with path.open("rb") as handle:
@@ -60,12 +63,11 @@ def read_safetensors_header(path: Path) -> dict:
         start, end = info["data_offsets"]
         if not 0 <= start <= end <= data_size:
             raise CheckpointError(f"{path}: tensor {name} lies beyond the end of the file (truncated shard)")
-    return header
-
-
-def _header_length(path: Path) -> int:
-    with path.open("rb") as handle:
-        return struct.unpack("<Q", handle.read(8))[0]
+        shape = tuple(info["shape"])
+        needed = math.prod(shape) * SAFETENSORS_DTYPES[info["dtype"]].itemsize
+        if needed != end - start:
+            raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes, its shape {shape} needs {needed}")
+    return header, 8 + length
 
 
 def _safe_shard_path(directory: Path, shard: str) -> Path:
@@ -83,13 +85,13 @@ class HFCheckpoint:
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: not a directory")
         self.weight_map = self._weight_map()
-        self.headers = {
-            shard: read_safetensors_header(self.directory / shard) for shard in sorted(set(self.weight_map.values()))
-        }
+        self.headers: dict[str, dict] = {}
+        self._data_start: dict[str, int] = {}
+        for shard in sorted(set(self.weight_map.values())):
+            self.headers[shard], self._data_start[shard] = read_safetensors_header(self.directory / shard)
         for name, shard in self.weight_map.items():
             if name not in self.headers[shard]:
                 raise CheckpointError(f"{self.directory / shard}: tensor {name} listed in the index is missing")
-        self._data_start = {shard: 8 + _header_length(self.directory / shard) for shard in self.headers}
 
     def _weight_map(self) -> dict[str, str]:
         index = self.directory / INDEX_NAME
@@ -105,7 +107,7 @@ class HFCheckpoint:
             return dict(weight_map)
         single = self.directory / SINGLE_NAME
         if single.is_file():
-            header = read_safetensors_header(single)
+            header, _ = read_safetensors_header(single)
             return {name: SINGLE_NAME for name in header if name != "__metadata__"}
         pickles = sorted(p.name for p in self.directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
@@ -159,10 +161,6 @@ class HFCheckpoint:
         path = self.directory / shard
         info = self.headers[shard][name]
         start, end = info["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[info["dtype"]]
-        shape = tuple(info["shape"])
-        if math.prod(shape) * dtype.itemsize != end - start:
-            raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes, its shape {shape} needs more")
         if buffer is None or buffer.numel() < end - start:
             buffer = torch.empty(end - start, dtype=torch.uint8)
         buffer = buffer[: end - start]
@@ -174,4 +172,4 @@ class HFCheckpoint:
             raise CheckpointError(f"{path}: cannot read tensor {name} ({error})") from None
         if read != end - start:
             raise CheckpointError(f"{path}: tensor {name} is truncated")
-        return buffer.view(dtype).reshape(shape)
+        return buffer.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
