@@ -203,13 +203,11 @@ def write_hf_checkpoint(
     start = time.perf_counter()
     try:
         writer = ShardWriter(staging, max_shard_bytes)
-        count = 0
         for name, tensor in read_ahead(weights, READ_AHEAD_BYTES):
             target = torch.float32 if name.endswith(KEEP_FP32) else dtype
             writer.add(name, tensor.detach().to("cpu", target))
-            count += 1
             if progress is not None:
-                progress(name, tensor.numel() * torch.empty((), dtype=target).element_size())
+                progress(name, tensor.numel() * target.itemsize)
         weight_map = writer.finish()
         config = export_config(original_config, dtype)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -221,7 +219,7 @@ def write_hf_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return {
-        "tensors": count,
+        "tensors": len(writer.names),
         "bytes": writer.total_bytes,
         "shards": len(set(weight_map.values())),
         "seconds": time.perf_counter() - start,
