@@ -46,10 +46,11 @@ class ParameterMaterializer:
         self.bridge = bridge
         self.hf_state = hf_state
         self.registry = bridge.mapping_registry()
-        self.names = {}
+        self.names: dict[int, str] = {}  # meta storage -> parameter or buffer name
+        self.metas: dict[str, torch.Tensor] = {}
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            self.names.setdefault(_storage_key(tensor), (name, tensor))
-        self.metas = dict(self.names.values())
+            if self.names.setdefault(_storage_key(tensor), name) == name:
+                self.metas[name] = tensor
         self.tensors = 0
         self.progress = progress
         self._current: tuple[str, torch.Tensor] | None = None
@@ -61,7 +62,7 @@ class ParameterMaterializer:
         """The meta views in the order they will be asked for."""
         order = []
         for view in views:
-            name = self.names[_storage_key(view)][0]
+            name = self.names[_storage_key(view)]
             if not order or order[-1] != name:
                 order.append(name)
         self._next_name = dict(zip(order[:-1], order[1:], strict=True))
@@ -73,7 +74,7 @@ class ParameterMaterializer:
 
     def __call__(self, view: torch.Tensor) -> torch.Tensor:
         """The real data of a meta tensor ``view`` (a view of some parameter or buffer)."""
-        real = self._parameter(self.names[_storage_key(view)][0])
+        real = self._parameter(self.names[_storage_key(view)])
         # A view of the current value: PyTorch's writer copies it only when it is a partial view of the storage.
         item = torch.as_strided(real, view.shape, view.stride(), view.storage_offset())
         if self.progress is not None:
