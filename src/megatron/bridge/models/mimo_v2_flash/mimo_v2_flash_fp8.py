@@ -19,36 +19,18 @@ tensor and both shapes; block sizes are never guessed from ``rows // scale_rows`
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass
 
 import torch
 
 from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
+from megatron.bridge.models.mimo_v2_flash.reused_memory import RecycledStorages, ScratchBuffers
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max
 SCALE_SUFFIX = "_scale_inv"
 HALF_EXPONENT_SHIFT = 8  # float16's exponent bias 15 minus float8_e4m3fn's 7
 FP8_MAX_SCALED = FP8_MAX * 2.0**-HALF_EXPONENT_SHIFT
-
-
-class ScratchBuffers(threading.local):
-    """Per-thread buffers reused from call to call, grown on demand.
-
-    Conversion would otherwise allocate a fresh FP8 read buffer and fresh temporaries for every weight; the
-    allocator maps large blocks anew each time, and page-faulting them in cost more than the dequantization.
-    """
-
-    def __init__(self) -> None:
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, role: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        buffer = self.buffers.get(role)
-        if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
-            self.buffers.pop(role, None)  # free the old one before allocating its replacement
-            buffer = self.buffers[role] = torch.empty(numel, dtype=dtype)
-        return buffer[:numel]
 
 
 _SCRATCH = ScratchBuffers()
@@ -83,14 +65,26 @@ def expand_scale(scale: torch.Tensor, row_map: torch.Tensor, cols: int, col_bloc
     return scale.float()[row_map][:, torch.arange(cols) // col_block]
 
 
-def dequantize(weight: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, col_block: int, dtype: torch.dtype):
-    """Exact dequantization: fp32 product, one cast to ``dtype``.
+def dequantize(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    layout: ScaleLayout,
+    col_block: int,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact dequantization: fp32 product, one cast to ``dtype`` (into ``out`` when given, a contiguous tensor).
 
     Rows sharing a scale row form runs (one per row block); each run is one broadcast multiply by that scale row
     expanded over its column blocks, so fp32 temporaries stay one block-row high.
     """
     rows, cols = weight.shape
-    out = torch.empty(rows, cols, dtype=dtype)
+    if out is None:
+        out = torch.empty(rows, cols, dtype=dtype)
+    elif out.dtype != dtype or out.numel() != rows * cols or not out.is_contiguous():
+        raise ValueError(f"dequantize: out must be a contiguous {dtype} tensor of {rows * cols} elements")
+    else:
+        out = out.view(rows, cols)
     column_scales = scale.float().repeat_interleave(col_block, dim=1)[:, :cols]
     # PyTorch's float8 -> float32 cast is scalar code; the float16 route below is vectorized (about 3x faster).
     # It yields fp8 * 2**-8, so the scales absorb 2**8: a power-of-two factor, exact while the scales stay finite.
@@ -151,6 +145,7 @@ class FP8Checkpoint:
         self.head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
         self.v_head_dim = int(config.get("v_head_dim") or self.head_dim)
         self._layouts: dict[str, ScaleLayout] = {}
+        self._recycled = RecycledStorages()
         self._check_pairs()
 
     @property
@@ -177,15 +172,34 @@ class FP8Checkpoint:
     def weight_names(self) -> list[str]:
         return [n for n in self.checkpoint.keys() if not n.endswith(SCALE_SUFFIX)]
 
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor as stored, or dequantized exactly if FP8 (to ``dtype``, default fp32)."""
+    def get(self, name: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor as stored, or dequantized exactly if FP8 (to ``dtype``, default fp32; into ``out`` if given).
+
+        Without ``out``, a dequantized weight lands in memory recycled from earlier weights that are no longer
+        referenced (see :class:`RecycledStorages`).
+        """
         if self.checkpoint.dtype(name) != FP8_DTYPE:
             tensor = self.checkpoint.get(name)
             return tensor if dtype is None else tensor.to(dtype)
+        dtype = dtype or torch.float32
+        if out is None:
+            out = self._recycled.empty(self.checkpoint.shape(name), dtype)
         # The FP8 bytes are only read by the dequantization below, so they can go to a reused buffer.
         tensor = self.checkpoint.get(name, _SCRATCH.get("fp8 read", self.checkpoint.nbytes(name), torch.uint8))
         scale = self.checkpoint.get(name + SCALE_SUFFIX)
-        return dequantize(tensor, scale, self.layout(name), self.block[1], dtype or torch.float32)
+        return dequantize(tensor, scale, self.layout(name), self.block[1], dtype, out)
+
+    def get_stacked(self, names: list[str], dtype: torch.dtype) -> list[torch.Tensor]:
+        """FP8 weights of one width, dequantized into consecutive rows of one tensor; returns its row blocks.
+
+        A gated MLP's gate and up weights read this way already form ``[gate; up]``, so mapping them needs no copy.
+        """
+        shapes = [self.checkpoint.shape(name) for name in names]
+        if len({cols for _, cols in shapes}) != 1 or any(self.checkpoint.dtype(n) != FP8_DTYPE for n in names):
+            raise ValueError(f"get_stacked: {names} are not FP8 weights of one width: {shapes}")
+        stacked = self._recycled.empty((sum(rows for rows, _ in shapes), shapes[0][1]), dtype)
+        parts = stacked.split([rows for rows, _ in shapes])
+        return [self.get(name, dtype, out=part) for name, part in zip(names, parts, strict=True)]
 
     def layout(self, name: str) -> ScaleLayout:
         if name not in self._layouts:
