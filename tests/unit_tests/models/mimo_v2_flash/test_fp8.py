@@ -103,6 +103,25 @@ def test_grid_layout_is_exact_including_partial_blocks(shape, block, tmp_path):
     assert torch.equal(ckpt.get(name, torch.bfloat16), expected.to(torch.bfloat16))
 
 
+def test_stacked_read_is_the_separate_reads_in_consecutive_rows(tmp_path):
+    gate_q, gate_s = quantize_blockwise(torch.randn(300, 200) * 0.05, (128, 128))
+    up_q, up_s = quantize_blockwise(torch.randn(260, 200) * 0.05, (128, 128))
+    prefix = "model.layers.0.mlp.experts.3."
+    tensors = {
+        prefix + "gate_proj.weight": gate_q,
+        prefix + "gate_proj.weight_scale_inv": gate_s,
+        prefix + "up_proj.weight": up_q,
+        prefix + "up_proj.weight_scale_inv": up_s,
+    }
+    ckpt = FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path, tensors, config_for(192, 128, (128, 128)))))
+    gate, up = ckpt.get_stacked([prefix + "gate_proj.weight", prefix + "up_proj.weight"], torch.bfloat16)
+    assert torch.equal(gate, reference_grid(gate_q, gate_s, 128, 128).to(torch.bfloat16))
+    assert torch.equal(up, reference_grid(up_q, up_s, 128, 128).to(torch.bfloat16))
+    assert up.data_ptr() == gate.data_ptr() + gate.nbytes
+    with pytest.raises(ValueError, match="one width"):
+        ckpt.get_stacked([prefix + "gate_proj.weight", prefix + "gate_proj.weight_scale_inv"], torch.bfloat16)
+
+
 @pytest.mark.parametrize("with_nan", [False, True])
 @pytest.mark.parametrize("scale_value", [1e-3, 3.0e-41, 2.0**119, 3.0e38])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

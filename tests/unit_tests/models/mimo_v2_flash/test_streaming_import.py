@@ -1,13 +1,19 @@
-"""The streaming import's thread budget: one core stays free for the checkpoint file writer, and is given back."""
+"""The streaming import's writer settings: one core stays free for the file writer and torch.save skips CRC32,
+each undone afterwards; items handed to the writer own their bytes."""
 
 from __future__ import annotations
 
+import io
 import threading
 
 import pytest
 import torch
 
-from megatron.bridge.models.mimo_v2_flash.streaming_import import one_core_for_the_writer
+from megatron.bridge.models.mimo_v2_flash.streaming_import import (
+    _with_own_storage,
+    one_core_for_the_writer,
+    records_without_crc32,
+)
 
 
 @pytest.fixture
@@ -43,3 +49,31 @@ def test_never_below_one_thread():
             assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_contiguous_part_is_handed_over_owning_just_its_bytes():
+    whole = torch.arange(40, dtype=torch.bfloat16).view(10, 4)
+    half = _with_own_storage(whole[5:])
+    assert half.untyped_storage().nbytes() == half.nbytes == 40
+    assert half.data_ptr() == whole[5:].data_ptr() and torch.equal(half, whole[5:])
+    saved = io.BytesIO()
+    torch.save(half, saved)
+    saved.seek(0)
+    assert torch.equal(torch.load(saved), whole[5:])
+    assert _with_own_storage(whole) is whole
+    column = whole[:, 1]
+    assert _with_own_storage(column) is column  # not contiguous: the writer's own copy handles it
+
+
+def test_records_are_saved_without_crc32_and_still_load_then_the_option_returns():
+    before = torch.serialization.get_crc32_options()
+    with pytest.raises(RuntimeError, match="boom"):
+        with records_without_crc32():
+            assert torch.serialization.get_crc32_options() is False
+            saved = io.BytesIO()
+            torch.save(torch.arange(8), saved)
+            raise RuntimeError("boom")
+    assert torch.serialization.get_crc32_options() == before
+    saved.seek(0)
+    assert torch.equal(torch.load(saved), torch.arange(8))
+

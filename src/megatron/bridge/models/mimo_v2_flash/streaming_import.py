@@ -11,7 +11,6 @@ writer's buffer.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -185,21 +184,6 @@ def records_without_crc32() -> Iterator[None]:
         torch.serialization.set_crc32_options(before)
 
 
-@contextmanager
-def objects_frozen_for_gc() -> Iterator[None]:
-    """Objects alive now (the framework, the meta model) are left out of garbage collection until the end.
-
-    Planning and writing a checkpoint allocate many container objects, which trigger collections; each full
-    collection would otherwise traverse the whole framework again (about 6% of an import's CPU time).
-    """
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 class MaterializingSaveStrategy(TorchDistSaveShardedStrategy):
     """torch_dist save whose tensors are produced lazily, item by item, by PyTorch's serial file writer."""
 
@@ -222,7 +206,7 @@ class MaterializingSaveStrategy(TorchDistSaveShardedStrategy):
         # No fsync per file: the whole directory only becomes visible by the final rename.
         writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=False, thread_count=1, sync_files=False)
         try:
-            with one_core_for_the_writer(), records_without_crc32(), objects_frozen_for_gc():
+            with one_core_for_the_writer(), records_without_crc32():
                 dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
         finally:
             self.materialize.close()
