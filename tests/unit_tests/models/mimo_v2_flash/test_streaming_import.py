@@ -76,4 +76,3 @@ def test_records_are_saved_without_crc32_and_still_load_then_the_option_returns(
     assert torch.serialization.get_crc32_options() == before
     saved.seek(0)
     assert torch.equal(torch.load(saved), torch.arange(8))
-
