@@ -22,6 +22,7 @@ LIGHT_MODULES = (
     "mimo_v2_flash_config",
     "hf_checkpoint",
     "output_dirs",
+    "reused_memory",
     "mimo_v2_flash_fp8",
     "checkpoint_validation",
     "hf_export",

@@ -4,10 +4,11 @@ a fresh tensor (exact storage size, no aliasing with live tensors)."""
 from __future__ import annotations
 
 import gc
+import io
 
 import torch
 
-from megatron.bridge.models.mimo_v2_flash.reused_memory import RecycledStorages
+from megatron.bridge.models.mimo_v2_flash.reused_memory import RecycledStorages, owning_just_its_bytes
 
 
 def _address(tensor: torch.Tensor) -> int:
@@ -74,3 +75,17 @@ def test_live_tensors_never_share_memory():
         tensor.fill_(float(i))
     assert len({t.data_ptr() for t in live}) == 5
     assert [float(t[3, 3]) for t in live] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_a_contiguous_part_is_handed_over_owning_just_its_bytes():
+    whole = torch.arange(40, dtype=torch.bfloat16).view(10, 4)
+    half = owning_just_its_bytes(whole[5:])
+    assert half.untyped_storage().nbytes() == half.nbytes == 40
+    assert half.data_ptr() == whole[5:].data_ptr() and torch.equal(half, whole[5:])
+    saved = io.BytesIO()
+    torch.save(half, saved)
+    saved.seek(0)
+    assert torch.equal(torch.load(saved), whole[5:])
+    assert owning_just_its_bytes(whole) is whole
+    column = whole[:, 1]
+    assert owning_just_its_bytes(column) is column  # not contiguous: the writer's own copy handles it

@@ -1,5 +1,5 @@
 """The streaming import's writer settings: one core stays free for the file writer and torch.save skips CRC32,
-each undone afterwards; items handed to the writer own their bytes."""
+each undone afterwards."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from megatron.bridge.models.mimo_v2_flash.streaming_import import (
-    _with_own_storage,
     one_core_for_the_writer,
     records_without_crc32,
 )
@@ -49,20 +48,6 @@ def test_never_below_one_thread():
             assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-
-
-def test_a_contiguous_part_is_handed_over_owning_just_its_bytes():
-    whole = torch.arange(40, dtype=torch.bfloat16).view(10, 4)
-    half = _with_own_storage(whole[5:])
-    assert half.untyped_storage().nbytes() == half.nbytes == 40
-    assert half.data_ptr() == whole[5:].data_ptr() and torch.equal(half, whole[5:])
-    saved = io.BytesIO()
-    torch.save(half, saved)
-    saved.seek(0)
-    assert torch.equal(torch.load(saved), whole[5:])
-    assert _with_own_storage(whole) is whole
-    column = whole[:, 1]
-    assert _with_own_storage(column) is column  # not contiguous: the writer's own copy handles it
 
 
 def test_records_are_saved_without_crc32_and_still_load_then_the_option_returns():

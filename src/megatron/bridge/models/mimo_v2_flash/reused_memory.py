@@ -32,12 +32,22 @@ class ScratchBuffers(threading.local):
         return buffer[:numel]
 
 
+def owning_just_its_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or when it is a contiguous part of a larger storage, the same memory as a tensor whose storage
+    is exactly its bytes (``torch.save`` writes whole storages). DLPack keeps the larger storage referenced."""
+    if tensor.numel() == 0 or not tensor.is_contiguous() or tensor.untyped_storage().nbytes() == tensor.nbytes:
+        return tensor
+    return torch.from_dlpack(tensor)
+
+
 def is_unreferenced(storage: torch.UntypedStorage) -> bool:
     """True when ``storage`` is held by nothing but this Python storage object (no tensor, view or DLPack export).
 
-    PyTorch's reference count of the storage; its Python object counts once.
+    PyTorch's reference count of the storage (its Python object counts once). Where PyTorch no longer offers it,
+    nothing is considered free, and storages are simply not reused.
     """
-    return torch._C._storage_Use_Count(storage._cdata) == 1
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count is not None and use_count(storage._cdata) == 1
 
 
 class RecycledStorages:
@@ -66,9 +76,7 @@ class RecycledStorages:
             self._forget_free_beyond_keep()
             # Referenced before the lock is released, so that no other thread sees it free.
             tensor = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-        # A storage larger than the tensor would be saved whole by torch.save: hand over just these bytes (DLPack
-        # keeps the recycled storage referenced while the tensor or any view of it lives).
-        return tensor if storage.nbytes() == nbytes or nbytes == 0 else torch.from_dlpack(tensor)
+        return owning_just_its_bytes(tensor)
 
     def _reusable(self, nbytes: int) -> torch.UntypedStorage | None:
         fitting = [s for s in self._storages if nbytes <= s.nbytes() <= 2 * nbytes and is_unreferenced(s)]

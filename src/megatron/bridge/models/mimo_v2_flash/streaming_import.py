@@ -28,20 +28,11 @@ from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.planner import WriteItemType
 from tqdm import tqdm
 
+from megatron.bridge.models.mimo_v2_flash.reused_memory import owning_just_its_bytes
+
 
 def _storage_key(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
-
-
-def _with_own_storage(item: torch.Tensor) -> torch.Tensor:
-    """``item``, or when it is a contiguous part of a larger storage, its memory as a tensor owning just those bytes.
-
-    PyTorch's writer saves whole storages, so it clones a partial view (a fresh allocation and copy: every fused
-    gate|up weight is written as two halves). DLPack hands over the same memory, keeping the parent alive.
-    """
-    if item.numel() == 0 or not item.is_contiguous() or item.untyped_storage().nbytes() == item.nbytes:
-        return item
-    return torch.from_dlpack(item)
 
 
 class ParameterMaterializer:
@@ -86,7 +77,8 @@ class ParameterMaterializer:
     def __call__(self, view: torch.Tensor) -> torch.Tensor:
         """The real data of a meta tensor ``view`` (a view of some parameter or buffer)."""
         real = self._parameter(self.names[_storage_key(view)])
-        item = _with_own_storage(torch.as_strided(real, view.shape, view.stride(), view.storage_offset()))
+        # PyTorch's writer would clone a part of a larger storage (every fused gate|up is written as two halves).
+        item = owning_just_its_bytes(torch.as_strided(real, view.shape, view.stride(), view.storage_offset()))
         if self.progress is not None:
             self.progress(item.numel() * item.element_size())
         return item
