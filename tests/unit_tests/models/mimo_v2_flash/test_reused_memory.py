@@ -16,7 +16,7 @@ def _address(tensor: torch.Tensor) -> int:
 
 
 def test_memory_is_reused_only_after_every_reference_is_gone():
-    pool = RecycledStorages(keep=3)
+    pool = RecycledStorages()
     first = pool.empty((64, 32), torch.bfloat16)
     first.fill_(1.0)
     address = _address(first)
@@ -34,7 +34,7 @@ def test_memory_is_reused_only_after_every_reference_is_gone():
 
 
 def test_a_reused_storage_holds_exactly_the_tensors_bytes():
-    pool = RecycledStorages(keep=3)
+    pool = RecycledStorages()
     big = pool.empty((100, 10), torch.float32)
     address = _address(big)
     del big
@@ -47,7 +47,7 @@ def test_a_reused_storage_holds_exactly_the_tensors_bytes():
 
 
 def test_a_free_storage_is_not_given_to_a_request_under_half_its_size():
-    pool = RecycledStorages(keep=3)
+    pool = RecycledStorages()
     big = pool.empty((1000,), torch.uint8)
     address = _address(big)
     del big
@@ -55,21 +55,31 @@ def test_a_free_storage_is_not_given_to_a_request_under_half_its_size():
     assert pool.empty((500,), torch.uint8).data_ptr() == address
 
 
-def test_at_most_keep_free_storages_are_remembered():
-    pool = RecycledStorages(keep=2)
+def test_free_storages_kept_for_reuse_stay_within_the_byte_bound():
+    pool = RecycledStorages(max_free_bytes=8000)
     addresses = []
-    for rows in (10, 20, 40, 80):  # sizes too far apart to reuse each other
-        tensor = pool.empty((rows, 100), torch.uint8)
+    for size in (1000, 2500, 6000, 9000):  # sizes too far apart to reuse each other
+        tensor = pool.empty((size,), torch.uint8)
         addresses.append(tensor.data_ptr())
+        assert pool.free_bytes() <= 8000  # at the 9000-byte request, the two oldest free storages are released
         del tensor
-    assert len(pool._storages) == 2
-    # The two most recent are kept; the oldest are forgotten (their memory is released).
-    assert pool.empty((80, 100), torch.uint8).data_ptr() == addresses[3]
-    assert pool.empty((40, 100), torch.uint8).data_ptr() == addresses[2]
+    assert pool.free_bytes() == 6000 + 9000  # the last one became free after its request
+    reused = pool.empty((9000,), torch.uint8)
+    assert reused.data_ptr() == addresses[3]
+    assert pool.free_bytes() == 6000
+    assert pool.empty((6000,), torch.uint8).data_ptr() == addresses[2]
+
+
+def test_storages_held_by_callers_are_forgotten_beyond_max_tracked():
+    pool = RecycledStorages(max_tracked=4)
+    held = [pool.empty((100,), torch.uint8) for _ in range(10)]
+    assert len(pool._storages) == 4
+    del held
+    assert pool.free_bytes() == 400
 
 
 def test_live_tensors_never_share_memory():
-    pool = RecycledStorages(keep=2)
+    pool = RecycledStorages()
     live = [pool.empty((16, 16), torch.float32) for _ in range(5)]
     for i, tensor in enumerate(live):
         tensor.fill_(float(i))

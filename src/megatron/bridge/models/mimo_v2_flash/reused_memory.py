@@ -53,13 +53,15 @@ def is_unreferenced(storage: torch.UntypedStorage) -> bool:
 class RecycledStorages:
     """Hands out empty tensors backed by recycled storages; a storage is reused only when no tensor refers to it.
 
-    At most ``keep`` storages are remembered (least recently handed out are forgotten first, once free), so memory
-    kept for reuse is bounded by ``keep`` times the largest tensor. A free storage is reused for a request of at
-    least half its size, so a large free storage is not kept busy by small tensors.
+    Free storages are kept for reuse up to ``max_free_bytes`` in all (the least recently handed out are released
+    first), so the memory this adds to what callers hold is bounded. A free storage is reused for a request of at
+    least half its size, so a large free storage is not kept busy by small tensors. At most ``max_tracked``
+    storages are remembered at all, so callers that keep many tensors do not make each request slower.
     """
 
-    def __init__(self, keep: int = 3) -> None:
-        self.keep = keep
+    def __init__(self, max_free_bytes: int = 128 * 1024**2, max_tracked: int = 64) -> None:
+        self.max_free_bytes = max_free_bytes
+        self.max_tracked = max_tracked
         self._storages: list[torch.UntypedStorage] = []  # least recently handed out first
         self._lock = threading.Lock()
 
@@ -72,17 +74,27 @@ class RecycledStorages:
                 storage = torch.UntypedStorage(nbytes)
             else:
                 self._storages.remove(storage)
+            self._forget_beyond_limits()
             self._storages.append(storage)
-            self._forget_free_beyond_keep()
             # Referenced before the lock is released, so that no other thread sees it free.
             tensor = torch.empty(0, dtype=dtype).set_(storage, 0, shape)
         return owning_just_its_bytes(tensor)
+
+    def free_bytes(self) -> int:
+        """Bytes of the remembered storages that no tensor refers to."""
+        with self._lock:
+            return sum(s.nbytes() for s in self._storages if is_unreferenced(s))
 
     def _reusable(self, nbytes: int) -> torch.UntypedStorage | None:
         fitting = [s for s in self._storages if nbytes <= s.nbytes() <= 2 * nbytes and is_unreferenced(s)]
         return min(fitting, key=lambda s: s.nbytes(), default=None)
 
-    def _forget_free_beyond_keep(self) -> None:
-        excess = len(self._storages) - self.keep
-        for storage in [s for s in self._storages[:-1] if is_unreferenced(s)][: max(0, excess)]:
+    def _forget_beyond_limits(self) -> None:
+        free = [s for s in self._storages if is_unreferenced(s)]
+        excess = sum(s.nbytes() for s in free) - self.max_free_bytes
+        for storage in free:
+            if excess <= 0:
+                break
             self._storages.remove(storage)
+            excess -= storage.nbytes()
+        del self._storages[: max(0, len(self._storages) + 1 - self.max_tracked)]

@@ -30,6 +30,8 @@ from tqdm import tqdm
 
 from megatron.bridge.models.mimo_v2_flash.reused_memory import owning_just_its_bytes
 
+COMPUTE_AHEAD_BYTES = 128 * 1024**2
+
 
 def _storage_key(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
@@ -39,11 +41,12 @@ class ParameterMaterializer:
     """Computes real values for meta parameters of ``model`` from an HF checkpoint, one parameter at a time.
 
     All mapping work runs on one worker thread, in request order: given the expected order (:meth:`expect`), the
-    parameter after the one being written is computed meanwhile. At most two values are alive: the current one
-    and the next.
+    parameters after the one being written are computed meanwhile, up to ``ahead_bytes`` of them (always the
+    next one). Alive are the current value and those ahead: writing a large parameter is not slowed by computing
+    the next, and a run of small ones does not leave the writer waiting for each.
     """
 
-    def __init__(self, model, bridge, hf_state, progress=None) -> None:
+    def __init__(self, model, bridge, hf_state, progress=None, ahead_bytes: int = COMPUTE_AHEAD_BYTES) -> None:
         self.model = model
         self.bridge = bridge
         self.hf_state = hf_state
@@ -55,8 +58,10 @@ class ParameterMaterializer:
                 self.metas[name] = tensor
         self.tensors = 0
         self.progress = progress
+        self.ahead_bytes = ahead_bytes
         self._current: tuple[str, torch.Tensor] | None = None
-        self._next_name: dict[str, str] = {}
+        self._order: list[str] = []
+        self._position: dict[str, int] = {}
         self._pending: dict[str, Future] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="materialize")
 
@@ -67,7 +72,8 @@ class ParameterMaterializer:
             name = self.names[_storage_key(view)]
             if not order or order[-1] != name:
                 order.append(name)
-        self._next_name = dict(zip(order[:-1], order[1:], strict=True))
+        self._order = order
+        self._position = {name: i for i, name in enumerate(order)}
 
     def close(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
@@ -88,15 +94,24 @@ class ParameterMaterializer:
             return self._current[1]
         self._current = None  # the writer is done with it: free it before the next value lands
         future = self._submit(name)
-        for unexpected in [n for n in self._pending if n != name]:  # requests out of the expected order
-            self._pending.pop(unexpected).cancel()
+        position = self._position.get(name, -1)
+        for unexpected in [n for n in self._pending if self._position.get(n, -1) <= position and n != name]:
+            self._pending.pop(unexpected).cancel()  # skipped or out of the expected order
         value = future.result()
         del self._pending[name]
         self._current = (name, value)
-        following = self._next_name.get(name)
-        if following is not None:
-            self._submit(following)
+        if position >= 0:
+            self._submit_ahead(position)
         return value
+
+    def _submit_ahead(self, position: int) -> None:
+        ahead = 0
+        for count, following in enumerate(self._order[position + 1 :]):
+            meta = self.metas[following]
+            ahead += meta.numel() * meta.element_size()
+            if count > 0 and ahead > self.ahead_bytes:
+                break
+            self._submit(following)
 
     def _submit(self, name: str) -> Future:
         if name not in self._pending:
