@@ -157,21 +157,17 @@ class MiMoV2FlashBridge(MegatronModelBridge):
         if reader is None:
             return super().maybe_modify_loaded_hf_weight(hf_param, hf_state_dict)
         if isinstance(hf_param, str):
-            return self._read(reader, hf_param)
+            return reader.get(hf_param, self._dtype_for(reader, hf_param))
         names = list(hf_param.values())
-        widths = {reader.checkpoint.shape(name)[-1] for name in names}
-        if len(names) > 1 and len(widths) == 1 and all(self._dequantized(reader, name) for name in names):
+        dtypes = [self._dtype_for(reader, name) for name in names]
+        if len(names) > 1 and reader.stackable(names, dtypes):
             # Consecutive rows of one tensor: gate and up then map to Megatron's fused [gate; up] without a copy.
-            return dict(zip(hf_param, reader.get_stacked(names, self.fp8_dequant_dtype), strict=True))
-        return {key: self._read(reader, name) for key, name in hf_param.items()}
+            return dict(zip(hf_param, reader.get_stacked(names, dtypes), strict=True))
+        return {key: reader.get(name, dtype) for key, name, dtype in zip(hf_param, names, dtypes, strict=True)}
 
-    def _dequantized(self, reader: FP8Checkpoint, name: str) -> bool:
-        return self.fp8_dequant_dtype is not None and reader.checkpoint.dtype(name) == FP8_DTYPE
-
-    def _read(self, reader: FP8Checkpoint, name: str) -> torch.Tensor:
-        if self._dequantized(reader, name):
-            return reader.get(name, dtype=self.fp8_dequant_dtype)
-        return reader.get(name)
+    def _dtype_for(self, reader: FP8Checkpoint, name: str) -> torch.dtype | None:
+        """FP8 weights are dequantized to ``fp8_dequant_dtype``; others come as stored."""
+        return self.fp8_dequant_dtype if reader.checkpoint.dtype(name) == FP8_DTYPE else None
 
     def _checkpoint_reader(self, hf_state_dict):
         source = getattr(hf_state_dict, "source", None)

@@ -172,34 +172,52 @@ class FP8Checkpoint:
     def weight_names(self) -> list[str]:
         return [n for n in self.checkpoint.keys() if not n.endswith(SCALE_SUFFIX)]
 
+    def result_dtype(self, name: str, dtype: torch.dtype | None = None) -> torch.dtype:
+        """The dtype :meth:`get` returns for ``name``: ``dtype`` if given, else fp32 for FP8, else as stored."""
+        if dtype is not None:
+            return dtype
+        return torch.float32 if self.checkpoint.dtype(name) == FP8_DTYPE else self.checkpoint.dtype(name)
+
     def get(self, name: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor as stored, or dequantized exactly if FP8 (to ``dtype``, default fp32; into ``out`` if given).
+        """The tensor, dequantized exactly if FP8, in :meth:`result_dtype` (into contiguous ``out`` if given).
 
-        Without ``out``, a dequantized weight lands in memory recycled from earlier weights that are no longer
-        referenced (see :class:`RecycledStorages`).
+        Without ``out``, it lands in memory recycled from earlier tensors that are no longer referenced (see
+        :class:`RecycledStorages`).
         """
-        if self.checkpoint.dtype(name) != FP8_DTYPE:
-            tensor = self.checkpoint.get(name)
-            return tensor if dtype is None else tensor.to(dtype)
-        dtype = dtype or torch.float32
+        shape, result = self.checkpoint.shape(name), self.result_dtype(name, dtype)
         if out is None:
-            out = self._recycled.empty(self.checkpoint.shape(name), dtype)
-        # The FP8 bytes are only read by the dequantization below, so they can go to a reused buffer.
-        tensor = self.checkpoint.get(name, _SCRATCH.get("fp8 read", self.checkpoint.nbytes(name), torch.uint8))
+            out = self._recycled.empty(tuple(shape), result)
+        elif out.dtype != result or out.numel() != math.prod(shape) or not out.is_contiguous():
+            raise ValueError(f"{name}: out must be a contiguous {result} tensor of shape {tuple(shape)}")
+        stored = self.checkpoint.dtype(name)
+        if stored == result:
+            return self.checkpoint.get(name, out.reshape(-1).view(torch.uint8))
+        # Read bytes only feed the dequantization or cast below, so they go to a reused buffer.
+        tensor = self.checkpoint.get(name, _SCRATCH.get("read", self.checkpoint.nbytes(name), torch.uint8))
+        if stored != FP8_DTYPE:
+            return out.view(shape).copy_(tensor)
         scale = self.checkpoint.get(name + SCALE_SUFFIX)
-        return dequantize(tensor, scale, self.layout(name), self.block[1], dtype, out)
+        return dequantize(tensor, scale, self.layout(name), self.block[1], result, out)
 
-    def get_stacked(self, names: list[str], dtype: torch.dtype) -> list[torch.Tensor]:
-        """FP8 weights of one width, dequantized into consecutive rows of one tensor; returns its row blocks.
+    def stackable(self, names: list[str], dtypes: list[torch.dtype | None]) -> bool:
+        """Whether :meth:`get_stacked` can read these: 2-D, one width, one result dtype."""
+        shapes = [self.checkpoint.shape(name) for name in names]
+        results = {self.result_dtype(name, dtype) for name, dtype in zip(names, dtypes, strict=True)}
+        return all(len(shape) == 2 for shape in shapes) and len({s[1] for s in shapes}) == 1 and len(results) == 1
+
+    def get_stacked(self, names: list[str], dtypes: list[torch.dtype | None]) -> list[torch.Tensor]:
+        """Weights of one width read (FP8: dequantized) into consecutive rows of one tensor; returns its row blocks.
 
         A gated MLP's gate and up weights read this way already form ``[gate; up]``, so mapping them needs no copy.
         """
-        shapes = [self.checkpoint.shape(name) for name in names]
-        if len({cols for _, cols in shapes}) != 1 or any(self.checkpoint.dtype(n) != FP8_DTYPE for n in names):
-            raise ValueError(f"get_stacked: {names} are not FP8 weights of one width: {shapes}")
-        stacked = self._recycled.empty((sum(rows for rows, _ in shapes), shapes[0][1]), dtype)
-        parts = stacked.split([rows for rows, _ in shapes])
-        return [self.get(name, dtype, out=part) for name, part in zip(names, parts, strict=True)]
+        if not self.stackable(names, dtypes):
+            shapes = [self.checkpoint.shape(name) for name in names]
+            raise ValueError(f"get_stacked: {names} are not 2-D weights of one width and dtype: {shapes}")
+        rows = [self.checkpoint.shape(name)[0] for name in names]
+        width = self.checkpoint.shape(names[0])[1]
+        stacked = self._recycled.empty((sum(rows), width), self.result_dtype(names[0], dtypes[0]))
+        parts = stacked.split(rows)
+        return [self.get(n, d, out=part) for n, d, part in zip(names, dtypes, parts, strict=True)]
 
     def layout(self, name: str) -> ScaleLayout:
         if name not in self._layouts:
