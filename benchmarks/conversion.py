@@ -12,7 +12,8 @@ being flushed:
   * `convert_checkpoints.py import` and `export`: peak RSS against the largest shard, and throughput against
     cp of the same input, for the whole command (interpreter and framework start included) and for the
     conversion alone (the seconds the command reports; the start-up is a constant that a 600 GB conversion
-    does not notice).
+    does not notice),
+  * `import` again from the exported HF BF16 checkpoint, where input and output are the same bytes.
 FP8 -> BF16 import writes twice the bytes it reads, so its time is also given against cp of what it writes.
 Goals (issue): peak RSS <= 2 x largest shard + 1 GiB, throughput >= 0.5 x cp.
 """
@@ -187,6 +188,13 @@ def main() -> int:
                 f"{largest / GIB:.3f}",
             ]
         )
+        shutil.rmtree(work / "mcore")  # disk space for the BF16 round
+        export_bytes = directory_bytes(work / "export")
+        cp_bf16 = copy_seconds(work / "export", work / "copy")
+        bf16_s, bf16_rss, bf16_out = measured(
+            [py, str(CONVERT), "import", "--hf-model", str(work / "export"), "--megatron-path", str(work / "mcore")]
+        )
+        shutil.rmtree(work / "mcore")
         _, base_rss, _ = measured([py, "-c", "import megatron.bridge.models.mimo_v2_flash.conversion"])
         goal = (2 * largest + GIB) / GIB
         imp_converting = reported_seconds(imp_out)
@@ -194,6 +202,7 @@ def main() -> int:
         rows = (
             ("import", total, cp_import, imp_s, imp_converting, imp_rss),
             ("export", mcore_bytes, cp_export, exp_s, reported_seconds(exp_out), exp_rss),
+            ("import from BF16", export_bytes, cp_bf16, bf16_s, reported_seconds(bf16_out), bf16_rss),
         )
         for name, nbytes, cp_s, seconds, converting, rss in rows:
             print(
