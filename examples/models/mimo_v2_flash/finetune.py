@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import mimo_v2_flash_finetune_config
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_step import forward_step
     from megatron.bridge.models.mimo_v2_flash.runtime import shutdown_at_exit, use_prebuilt_dataset_helpers
+    from megatron.bridge.models.mimo_v2_flash.sft_data import SFTDataError
 
     apply_cpu_adaptations()
     apply_cpu_training_adaptations()
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             lora_alpha=args.lora_alpha,
             seed=args.seed,
         )
-    except (CheckpointError, MiMoV2FlashConfigError) as error:
+    except (CheckpointError, MiMoV2FlashConfigError, SFTDataError) as error:
         print(f"finetune: {error}", file=sys.stderr)
         return 2
     if overrides:

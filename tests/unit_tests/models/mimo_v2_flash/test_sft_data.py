@@ -66,3 +66,21 @@ def test_staging_links_the_file_and_forgets_indexes_of_another(tmp_path):
     root, kind = stage_sft_data(second, tmp_path / "data")
     assert kind == "prompt_completion" and (root / "training.jsonl").resolve() == second.resolve()
     assert not (root / "training.jsonl.idx.npy").exists()
+
+
+def test_rank0_work_returns_its_value_and_reraises_its_own_error_type(parallel_state):
+    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
+    from megatron.bridge.models.mimo_v2_flash.runtime import run_on_rank0
+
+    assert run_on_rank0(lambda: {"rows": 3}) == {"rows": 3}
+
+    def bad_data():
+        raise SFTDataError("train.jsonl: line 2 is not JSON")
+
+    def bad_checkpoint():
+        raise CheckpointError("model.safetensors: truncated")
+
+    with pytest.raises(SFTDataError, match="line 2 is not JSON"):
+        run_on_rank0(bad_data)
+    with pytest.raises(CheckpointError, match="truncated"):
+        run_on_rank0(bad_checkpoint)

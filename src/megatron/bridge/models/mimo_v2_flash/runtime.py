@@ -81,13 +81,16 @@ def run_on_rank0(work):
     from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
     from megatron.bridge.models.mimo_v2_flash.sft_data import SFTDataError
 
+    expected = (CheckpointError, SFTDataError)
     outcome: list = [None, None]
     if torch.distributed.get_rank() == 0:
         try:
             outcome[0] = work()
-        except (CheckpointError, SFTDataError) as error:
-            outcome[1] = str(error)
+        except expected as error:
+            # The kind travels as an index and the message as text: the same error type is raised on every rank.
+            outcome[1] = (next(i for i, kind in enumerate(expected) if isinstance(error, kind)), str(error))
     torch.distributed.broadcast_object_list(outcome, src=0)
     if outcome[1] is not None:
-        raise CheckpointError(outcome[1])
+        kind, message = outcome[1]
+        raise expected[kind](message)
     return outcome[0]
