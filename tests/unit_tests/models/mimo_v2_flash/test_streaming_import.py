@@ -97,6 +97,7 @@ def test_materializer_computes_ahead_within_its_byte_budget_and_serves_any_order
     views = [p for _, p in model.named_parameters()]
     materializer.expect(views)
     try:
+        assert list(materializer._pending) == ["0.weight"]  # started before the first request (1.weight: over budget)
         for index, view in enumerate(views):
             value = materializer(view)
             assert torch.equal(value, torch.full((rows[index], 4), float(index)))

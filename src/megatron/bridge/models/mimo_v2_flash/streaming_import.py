@@ -66,7 +66,7 @@ class ParameterMaterializer:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="materialize")
 
     def expect(self, views: Iterable[torch.Tensor]) -> None:
-        """The meta views in the order they will be asked for."""
+        """The meta views in the order they will be asked for; computing the first ones starts now."""
         order = []
         for view in views:
             name = self.names[_storage_key(view)]
@@ -74,6 +74,7 @@ class ParameterMaterializer:
                 order.append(name)
         self._order = order
         self._position = {name: i for i, name in enumerate(order)}
+        self._submit_ahead(-1)
 
     def close(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
