@@ -66,25 +66,15 @@ def expand_scale(scale: torch.Tensor, row_map: torch.Tensor, cols: int, col_bloc
 
 
 def dequantize(
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    layout: ScaleLayout,
-    col_block: int,
-    dtype: torch.dtype,
-    out: torch.Tensor | None = None,
+    weight: torch.Tensor, scale: torch.Tensor, layout: ScaleLayout, col_block: int, out: torch.Tensor
 ) -> torch.Tensor:
-    """Exact dequantization: fp32 product, one cast to ``dtype`` (into ``out`` when given, a contiguous tensor).
+    """Exact dequantization into ``out`` (contiguous, ``weight``'s element count): fp32 product, one cast to its dtype.
 
     Rows sharing a scale row form runs (one per row block); each run is one broadcast multiply by that scale row
     expanded over its column blocks, so fp32 temporaries stay one block-row high.
     """
     rows, cols = weight.shape
-    if out is None:
-        out = torch.empty(rows, cols, dtype=dtype)
-    elif out.dtype != dtype or out.numel() != rows * cols or not out.is_contiguous():
-        raise ValueError(f"dequantize: out must be a contiguous {dtype} tensor of {rows * cols} elements")
-    else:
-        out = out.view(rows, cols)
+    out = out.view(rows, cols)
     column_scales = scale.float().repeat_interleave(col_block, dim=1)[:, :cols]
     # PyTorch's float8 -> float32 cast is scalar code; the float16 route below is vectorized (about 3x faster).
     # It yields fp8 * 2**-8, so the scales absorb 2**8: a power-of-two factor, exact while the scales stay finite.
@@ -197,7 +187,7 @@ class FP8Checkpoint:
         if stored != FP8_DTYPE:
             return out.view(shape).copy_(tensor)
         scale = self.checkpoint.get(name + SCALE_SUFFIX)
-        return dequantize(tensor, scale, self.layout(name), self.block[1], result, out)
+        return dequantize(tensor, scale, self.layout(name), self.block[1], out)
 
     def stackable(self, names: list[str], dtypes: list[torch.dtype | None]) -> bool:
         """Whether :meth:`get_stacked` can read these: 2-D, one width, one result dtype."""

@@ -4,9 +4,9 @@ The model is built on the meta device. Megatron-Bridge's own ``save_checkpoint``
 the same torch_dist checkpoint training loads) with a save strategy whose planner materializes each tensor only
 when PyTorch's file writer asks for it: the parameter behind a write item (found through its meta storage) is
 produced by the bridge's HF -> Megatron mapping from the (FP8-dequantizing) checkpoint reader, the item's view of
-it is written, and it is dropped. While the writer writes one parameter, a worker thread computes the next one
-(reading, dequantizing and mapping overlap with writing); memory holds about two parameters plus the file
-writer's buffer.
+it is written, and it is dropped. While the writer writes one parameter, a worker thread computes the following
+ones (reading, dequantizing and mapping overlap with writing); memory holds the parameter being written, up to
+``COMPUTE_AHEAD_BYTES`` of parameters computed ahead (always the next one), and the file writer's buffer.
 """
 
 from __future__ import annotations
