@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,9 @@ def test_fp8_round_trip_equals_bf16_of_dequantized(fp8_hf, tmp_path, parallel_st
         and config["sliding_window"] == config["sliding_window_size"] + 1
     )
     assert (export_dir / "tokenizer.json").is_file()
+    # Every record file of the Megatron checkpoint is an intact zip (torch.save's CRC32 written and correct).
+    records = sorted((tmp_path / "megatron").rglob("*.distcp"))
+    assert records and all(zipfile.ZipFile(path).testzip() is None for path in records)
 
 
 def test_transformers_loads_export_and_agrees_with_megatron(fp8_hf, tmp_path):

@@ -176,22 +176,6 @@ def one_core_for_the_writer() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-@contextmanager
-def records_without_crc32() -> Iterator[None]:
-    """``torch.save`` without its per-record CRC32, restored afterwards.
-
-    Nothing reads it back: ``torch.load`` (which DCP uses for every record) does not verify it, so a flipped data
-    byte loads silently either way, and a ``.distcp`` file holds many records, so zip tools cannot check it as a
-    whole. Computing it costs a CPU pass over every byte written, on the writer's thread.
-    """
-    before = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
-        yield
-    finally:
-        torch.serialization.set_crc32_options(before)
-
-
 class MaterializingSaveStrategy(TorchDistSaveShardedStrategy):
     """torch_dist save whose tensors are produced lazily, item by item, by PyTorch's serial file writer."""
 
@@ -214,7 +198,7 @@ class MaterializingSaveStrategy(TorchDistSaveShardedStrategy):
         # No fsync per file: the whole directory only becomes visible by the final rename.
         writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=False, thread_count=1, sync_files=False)
         try:
-            with one_core_for_the_writer(), records_without_crc32():
+            with one_core_for_the_writer():
                 dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
         finally:
             self.materialize.close()
