@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument(
         "--max-shard-gb", type=float, default=5.0, help="output shard size in GB (default %(default)s)"
     )
+    prepare.add_argument(
+        "--fp8-kv-layout",
+        default="auto",
+        metavar="{auto,grid,fused_kv,fused_kv_split,per_rank:T}",
+        help="FP8 scale layout of the K/V projections (default auto: decided per layer from the data, "
+        "as convert_checkpoints.py import does)",
+    )
 
     plan = commands.add_parser("plan", help="check an NxDI layout and print per-rank HBM, host RAM and disk needs")
     plan.add_argument("--hf-path", required=True, help="checkpoint directory (or, with --config-only, config.json)")
@@ -149,8 +156,9 @@ def _prepare(args: argparse.Namespace) -> None:
     from neuron_export.report_text import human_bytes
 
     summary = prepare(args.hf_path, args.output, keep_mtp=args.keep_mtp, overwrite=args.overwrite,
-                      max_shard_bytes=int(args.max_shard_gb * 1e9))  # fmt: skip
-    fp8 = ", FP8 dequantized" if summary["fp8_source"] else ""
+                      max_shard_bytes=int(args.max_shard_gb * 1e9), fp8_kv_layout=args.fp8_kv_layout)  # fmt: skip
+    layouts = ", ".join(f"{kind} x{count}" for kind, count in summary["fp8_layouts"].items())
+    fp8 = f", FP8 dequantized (scale layouts: {layouts})" if summary["fp8_source"] else ""
     print(f"prepared {summary['tensors']} tensors ({human_bytes(summary['bytes'])} BF16, {summary['shards']} "
           f"shard(s){fp8}; MTP {summary['mtp']}) in {summary['seconds']:.1f} s -> {summary['output']}")  # fmt: skip
 

@@ -83,18 +83,21 @@ def prepare(
     keep_mtp: bool = False,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    fp8_kv_layout: str = "auto",
 ) -> dict[str, Any]:
-    """Write the NxDI-ready checkpoint of ``hf_path`` to ``output``; returns a summary."""
+    """Write the NxDI-ready checkpoint of ``hf_path`` to ``output``; returns a summary.
+
+    ``fp8_kv_layout``: ``auto`` (each K/V pair's FP8 scale layout decided from its data, as the Megatron import
+    does) or the layout every pair must have.
+    """
     source, output = Path(hf_path), Path(output)
     start = time.perf_counter()
     _refuse_problems(source)
     refuse_overlap(source, output)
     hf, fp8, dirs, hf_export = (module(m) for m in ("hf_checkpoint", "mimo_v2_flash_fp8", "output_dirs", "hf_export"))
     dirs.check_output_dir(output, overwrite)
-    reader = fp8.FP8Checkpoint(hf.HFCheckpoint(source))
-    for name in reader.weight_names():  # resolve every FP8 scale layout before anything is written
-        if reader.checkpoint.dtype(name) == fp8.FP8_DTYPE:
-            reader.layout(name)
+    reader = fp8.FP8Checkpoint(hf.HFCheckpoint(source), fp8_kv_layout)
+    fp8_layouts = reader.resolve_all()  # every FP8 scale layout decided before anything is written
     config = nxdi_contract.nxdi_config(reader.checkpoint.config)
     plan = _plan_tensors(reader, keep_mtp)
     total = sum(
@@ -131,6 +134,7 @@ def prepare(
         "mtp_tensors": mtp_total,
         "mtp": "kept in mtp/" if "mtp" in shards else "dropped" if mtp_total else "none",
         "copied": copied,
-        "fp8_source": any(reader.checkpoint.dtype(n) == fp8.FP8_DTYPE for n in reader.weight_names()),
+        "fp8_source": bool(fp8_layouts),
+        "fp8_layouts": fp8_layouts,
         "seconds": time.perf_counter() - start,
     }

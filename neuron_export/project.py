@@ -23,6 +23,8 @@ LIGHT_MODULES = (
     "hf_checkpoint",
     "output_dirs",
     "reused_memory",
+    "fp8_scale_layouts",
+    "fp8_quantization",
     "mimo_v2_flash_fp8",
     "checkpoint_validation",
     "hf_export",

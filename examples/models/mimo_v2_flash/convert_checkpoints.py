@@ -11,6 +11,9 @@ Examples:
       --hf-path /ckpt/mimo_export_bf16
   python convert_checkpoints.py inspect-fp8 --hf-model /ckpt/MiMo-V2-Flash
 
+The FP8 scale layout of each K/V pair (grid, fused_kv, fused_kv_split, per_rank:T) is decided from its data;
+--fp8-kv-layout forces one, and a forced layout the data contradicts is an error.
+
 Outputs are written to a temporary sibling directory and renamed at the end: a failed run leaves nothing.
 Expected problems (bad or truncated files, missing tensors or scales, wrong shapes) print one line and exit 2.
 """
@@ -44,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="stored dtype (default bfloat16)"
     )
     imp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_fp8_kv_layout_flag(imp)
 
     exp = commands.add_parser("export", help="Megatron -> HF shards (hub layout)")
     exp.add_argument(
@@ -74,7 +78,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     ins = commands.add_parser("inspect-fp8", help="FP8 scale layout per tensor kind, with evidence")
     ins.add_argument("--hf-model", type=Path, required=True, help="HF checkpoint directory")
+    add_fp8_kv_layout_flag(ins)
     return parser.parse_args(argv)
+
+
+def add_fp8_kv_layout_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fp8-kv-layout",
+        default="auto",
+        metavar="{auto,grid,fused_kv,fused_kv_split,per_rank:T}",
+        help="FP8 scale layout of the K/V projections (default auto: decided per layer from the data)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,13 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[getattr(args, "dtype", "bfloat16")]
     try:
         if args.command == "inspect-fp8":
-            print("\n".join(inspect_fp8(args.hf_model)))
+            print("\n".join(inspect_fp8(args.hf_model, args.fp8_kv_layout)))
             return 0
         from megatron.bridge.models.mimo_v2_flash.runtime import initialize_parallel_state
 
         if args.command == "import":
             layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp}
-            summary = import_checkpoint(args.hf_model, args.megatron_path, dtype, layout, overwrite=args.overwrite)
+            summary = import_checkpoint(
+                args.hf_model,
+                args.megatron_path,
+                dtype,
+                layout,
+                overwrite=args.overwrite,
+                fp8_kv_layout=args.fp8_kv_layout,
+            )
             action, target = "imported", args.megatron_path
         else:
             initialize_parallel_state()
@@ -128,9 +149,16 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{action} {summary['tensors']} tensors ({summary['bytes'] / 1024**2:.1f} MiB) in {seconds:.1f} s "
             f"({summary['tensors'] / seconds:.0f} tensors/s, {summary['bytes'] / seconds / 1024**2:.1f} MB/s) "
-            f"-> {target}"
+            f"-> {target}" + _fp8_note(summary.get("fp8_layouts"))
         )
     return 0
+
+
+def _fp8_note(layouts: dict[str, int] | None) -> str:
+    """The FP8 scale layouts the import used (tensors per layout), for the summary line."""
+    if not layouts:
+        return ""
+    return "; FP8 scale layouts: " + ", ".join(f"{kind} x{count}" for kind, count in layouts.items())
 
 
 if __name__ == "__main__":

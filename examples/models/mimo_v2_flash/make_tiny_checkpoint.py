@@ -3,7 +3,8 @@
 
     python examples/models/mimo_v2_flash/make_tiny_checkpoint.py --output /tmp/tiny_hf [--fp8] [--mtp-layers 1]
 
-``--fp8`` stores it like the released model: block FP8 projections (K|V quantized fused per head), BF16 for the rest.
+``--fp8`` stores it like the released model: block FP8 projections, BF16 for the rest; ``--fp8-kv-layout`` picks
+how K and V are quantized (default ``fused_kv_split``, what the release is believed to use).
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--block-size", type=int, nargs=2, default=(16, 16), metavar=("ROWS", "COLS"), help="FP8 block"
     )
+    parser.add_argument(
+        "--fp8-kv-layout",
+        default="fused_kv_split",
+        help="K/V scale layout with --fp8: grid, fused_kv, fused_kv_split or per_rank:T (default fused_kv_split)",
+    )
     parser.add_argument("--mtp-layers", type=int, default=1, help="number of MTP layers (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args(argv)
@@ -36,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.output.parent, prefix=".tiny-") as tmp:
         bf = write_tiny_checkpoint(Path(tmp) / "hf", mtp_layers=args.mtp_layers, seed=args.seed)
-        final = write_fp8_checkpoint(bf, Path(tmp) / "fp8", tuple(args.block_size)) if args.fp8 else bf
+        final = (
+            write_fp8_checkpoint(bf, Path(tmp) / "fp8", tuple(args.block_size), args.fp8_kv_layout) if args.fp8 else bf
+        )
         shutil.move(str(final), str(args.output))
     print(f"tiny MiMo-V2-Flash ({'FP8' if args.fp8 else 'fp32'}) written to {args.output}")
     return 0

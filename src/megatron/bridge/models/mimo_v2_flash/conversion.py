@@ -38,28 +38,52 @@ def is_rank0() -> bool:
 
 
 def import_checkpoint(
-    hf_dir: Path, megatron_path: Path, dtype: torch.dtype, layout: dict, overwrite: bool = False
+    hf_dir: Path,
+    megatron_path: Path,
+    dtype: torch.dtype,
+    layout: dict,
+    overwrite: bool = False,
+    fp8_kv_layout: str = "auto",
 ) -> dict:
     """HF (FP8 or BF16/FP32) -> Megatron distributed checkpoint, written atomically.
 
-    The checkpoint and the parallel layout are validated before the process groups are set up or anything is
+    The checkpoint, the FP8 scale layout of every weight (``fp8_kv_layout``: ``auto`` or the layout every K/V
+    pair must have) and the parallel layout are validated before the process groups are set up or anything is
     built; ``layout`` holds ``tp``, ``pp``, ``ep``, ``etp`` (torchrun supplies the processes).
     """
     import os
 
-    from megatron.bridge import AutoBridge
-    from megatron.bridge.models.mimo_v2_flash.inference import build_model, configure_provider
-    from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import save_megatron_checkpoint
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_bridge import MiMoV2FlashBridge
     from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
     from megatron.bridge.models.mimo_v2_flash.runtime import initialize_parallel_state
-    from megatron.bridge.models.mimo_v2_flash.streaming_import import stream_import
 
     check_output_dir(megatron_path, overwrite)
     checkpoint = HFCheckpoint(hf_dir)
     arch, mtp_layers = validate_checkpoint(checkpoint)
+    reader = FP8Checkpoint(checkpoint, fp8_kv_layout)
+    fp8_layouts = reader.resolve_all()
     check_parallel_layout(arch, **layout, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     initialize_parallel_state(**layout)
     start = time.perf_counter()
+    with MiMoV2FlashBridge.reading_through(reader):
+        _import_weights(hf_dir, megatron_path, dtype, layout)
+    source_bytes = sum(checkpoint.nbytes(n) for n in checkpoint.keys())
+    return {
+        "tensors": len([n for n in checkpoint.keys() if not n.endswith(SCALE_SUFFIX)]),
+        "bytes": source_bytes,
+        "seconds": time.perf_counter() - start,
+        "layers": arch.num_layers,
+        "mtp_layers": mtp_layers,
+        "fp8_layouts": fp8_layouts,
+    }
+
+
+def _import_weights(hf_dir: Path, megatron_path: Path, dtype: torch.dtype, layout: dict) -> None:
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.models.mimo_v2_flash.inference import build_model, configure_provider
+    from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import save_megatron_checkpoint
+    from megatron.bridge.models.mimo_v2_flash.streaming_import import stream_import
+
     if not dist.is_initialized() or dist.get_world_size() == 1:
         # One process: stream tensor by tensor into the checkpoint (memory bounded by a parameter, not the model).
         staged = staging_dir(megatron_path)
@@ -76,14 +100,6 @@ def import_checkpoint(
             bridge.to_megatron_provider(load_weights=True), dtype, parallel_output=True, **layout
         )
         save_megatron_checkpoint(build_model(provider), megatron_path, tokenizer_dir=hf_dir)
-    source_bytes = sum(checkpoint.nbytes(n) for n in checkpoint.keys())
-    return {
-        "tensors": len([n for n in checkpoint.keys() if not n.endswith(SCALE_SUFFIX)]),
-        "bytes": source_bytes,
-        "seconds": time.perf_counter() - start,
-        "layers": arch.num_layers,
-        "mtp_layers": mtp_layers,
-    }
 
 
 def export_checkpoint(
@@ -176,38 +192,52 @@ def write_peft_adapter(tensors: dict[str, torch.Tensor], config: dict, adapter_o
     replace_directory(staged, adapter_out)
 
 
-def inspect_fp8(hf_dir: Path) -> list[str]:
-    """Per tensor kind: the scale layout chosen and the evidence, from the scales (headers + scale tensors)."""
+def inspect_fp8(hf_dir: Path, kv_layout: str = "auto") -> list[str]:
+    """Per tensor kind: the FP8 scale layout chosen and the evidence (blocks holding |fp8| = 448 per candidate).
+
+    Reads headers, scales and the data of the tensors whose layout the shapes leave open (the K/V projections),
+    never the experts' weights.
+    """
     checkpoint = HFCheckpoint(hf_dir)
-    fp8 = FP8Checkpoint(checkpoint)
+    fp8 = FP8Checkpoint(checkpoint, kv_layout)
     lines = [f"checkpoint: {hf_dir}", f"weight_block_size: {list(fp8.block) if fp8.block else None}"]
     if not fp8.is_fp8:
         lines.append("no FP8 tensors: nothing to dequantize")
         return lines
     kinds: dict[str, list[str]] = {}
     for name in fp8.weight_names():
-        if checkpoint.dtype(name) != FP8_DTYPE:
-            continue
-        kind = _tensor_kind(name)
-        kinds.setdefault(kind, []).append(name)
+        if checkpoint.dtype(name) == FP8_DTYPE:
+            kinds.setdefault(_tensor_kind(name, fp8), []).append(name)
     for kind, names in sorted(kinds.items()):
         layouts: dict[str, int] = {}
-        evidence = ""
+        evidence: dict[str, list[int]] = {}
         for name in names:
             layout = fp8.layout(name)
             layouts[layout.kind] = layouts.get(layout.kind, 0) + 1
-            evidence = evidence or layout.evidence
+            for label, at_max, blocks, failure in layout.checked:
+                totals = evidence.setdefault(label, [0, 0, 0])
+                totals[0], totals[1], totals[2] = totals[0] + at_max, totals[1] + blocks, totals[2] + bool(failure)
         example = names[0]
+        found = (
+            "; ".join(
+                f"{label} {at_max}/{blocks}" + (f" (rejected for {rejected} tensors)" if rejected else "")
+                for label, (at_max, blocks, rejected) in evidence.items()
+            )
+            if evidence
+            else fp8.layout(example).evidence
+        )
         lines.append(
             f"{kind}: {len(names)} tensors, layout {layouts}; e.g. {example} weight {checkpoint.shape(example)} "
-            f"scale {checkpoint.shape(example + SCALE_SUFFIX)}; evidence: {evidence}"
+            f"scale {checkpoint.shape(example + SCALE_SUFFIX)}; evidence (blocks with |fp8| = 448): {found}"
         )
     return lines
 
 
-def _tensor_kind(name: str) -> str:
+def _tensor_kind(name: str, fp8: FP8Checkpoint) -> str:
     parts = name.split(".")
     prefix = "mtp." if ".mtp." in name else ""
     if ".experts." in name:
         return f"{prefix}experts.{parts[-2]}"
+    if "self_attn" in name and not prefix:
+        prefix = "swa." if fp8.is_sliding_layer(name) else "full."
     return prefix + ".".join(parts[-3:-1]) if "self_attn" in name or "mlp" in name else prefix + parts[-2]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import parse_architecture, with_native_fields
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import with_native_fields
 from megatron.bridge.models.mimo_v2_flash.output_dirs import replace_directory, staging_dir
 
 KEEP_FP32 = ("e_score_correction_bias",)
@@ -30,21 +30,9 @@ DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float
 
 
 def export_config(original: dict, dtype: torch.dtype) -> dict:
-    """The original config without ``quantization_config``, with ``torch_dtype`` and the native fields added."""
-    config = {k: v for k, v in original.items() if k != "quantization_config"}
-    arch = parse_architecture(config)
-    hub_form = dict(
-        config,
-        hybrid_layer_pattern=[int(t == "sliding_attention") for t in arch.layer_types],
-        moe_layer_freq=[int(v) for v in arch.moe_layers],
-        sliding_window_size=arch.sliding_window_size,
-        rope_theta=arch.full_rope_theta,
-        swa_rope_theta=arch.swa_rope_theta,
-        partial_rotary_factor=arch.partial_rotary_factor,
-        layernorm_epsilon=arch.norm_eps,
-        swa_num_key_value_heads=arch.swa_num_kv_heads,
-    )
-    hub_form.pop("dtype", None)
+    """The original config without ``quantization_config``, with every architecture field in hub spelling, the
+    transformers-native fields and ``torch_dtype``."""
+    hub_form = {k: v for k, v in original.items() if k not in ("quantization_config", "dtype")}
     return dict(with_native_fields(hub_form), torch_dtype=DTYPE_NAMES[dtype])
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,20 @@ class MiMoV2FlashBridge(MegatronModelBridge):
     fp8_dequant_dtype: torch.dtype | None = None
     """Dtype FP8 weights are dequantized to (the fp32 product cast once); None: fp32. Importing into a bf16
     model sets bf16, so no fp32 copy of a large weight is ever held (the bits are the same: one rounding)."""
+
+    _shared_reader: FP8Checkpoint | None = None
+
+    @classmethod
+    @contextmanager
+    def reading_through(cls, reader: FP8Checkpoint) -> Iterator[None]:
+        """Within the block, every bridge reads ``reader``'s directory through ``reader`` (and the FP8 layouts it
+        decided, e.g. under a forced ``--fp8-kv-layout``). Bridges are created anew by ``AutoBridge`` on each
+        access, so the reader is shared through the class for the duration of one conversion."""
+        previous, cls._shared_reader = cls._shared_reader, reader
+        try:
+            yield
+        finally:
+            cls._shared_reader = previous
 
     def provider_bridge(self, hf_pretrained) -> MiMoV2FlashModelProvider:
         """Provider from the checkpoint's raw ``config.json`` (hub fields win) and its MTP keys."""
@@ -174,6 +190,9 @@ class MiMoV2FlashBridge(MegatronModelBridge):
         path = getattr(source, "path", None)
         if path is None or not Path(path).is_dir():
             return None
+        shared = MiMoV2FlashBridge._shared_reader
+        if shared is not None and shared.checkpoint.directory.resolve() == Path(path).resolve():
+            return shared
         cached = getattr(self, "_reader", None)
         if cached is None or cached.checkpoint.directory != Path(path):
             self._reader = FP8Checkpoint(HFCheckpoint(path))

@@ -238,8 +238,60 @@ def parse_architecture(cfg: dict[str, Any]) -> MiMoV2FlashArchitecture:
     )
 
 
+def architecture_fields(arch: MiMoV2FlashArchitecture) -> dict[str, Any]:
+    """Every architecture field in hub spelling, the SWA ones included.
+
+    Serving stacks read many of these without a default (vLLM's and SGLang's MiMo-V2 model files read e.g.
+    ``swa_num_attention_heads``, ``swa_head_dim``, ``sliding_window_size``, ``attention_bias``; SGLang's KV-cache
+    sizing reads ``swa_v_head_dim``), and some defaults would be wrong here (``swa_v_head_dim`` falls back to
+    ``swa_head_dim``), so a written config states all of them.
+    """
+    return {
+        "vocab_size": arch.vocab_size,
+        "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.ffn_hidden_size,
+        "moe_intermediate_size": arch.moe_ffn_hidden_size,
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_key_value_heads": arch.full_num_kv_heads,
+        "head_dim": arch.head_dim,
+        "v_head_dim": arch.v_head_dim,
+        "swa_num_attention_heads": arch.num_attention_heads,
+        "swa_num_key_value_heads": arch.swa_num_kv_heads,
+        "swa_head_dim": arch.head_dim,
+        "swa_v_head_dim": arch.v_head_dim,
+        "hybrid_layer_pattern": [int(t == SLIDING_ATTENTION) for t in arch.layer_types],
+        "moe_layer_freq": [int(v) for v in arch.moe_layers],
+        "sliding_window_size": arch.sliding_window_size,
+        "rope_theta": arch.full_rope_theta,
+        "swa_rope_theta": arch.swa_rope_theta,
+        "partial_rotary_factor": arch.partial_rotary_factor,
+        "layernorm_epsilon": arch.norm_eps,
+        "attention_value_scale": arch.attention_value_scale,
+        "add_full_attention_sink_bias": arch.full_attention_sink,
+        "add_swa_attention_sink_bias": arch.swa_attention_sink,
+        "n_routed_experts": arch.num_experts,
+        "num_experts_per_tok": arch.moe_topk,
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "n_group": 1,
+        "topk_group": 1,
+        "norm_topk_prob": True,
+        "max_position_embeddings": arch.max_position_embeddings,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "hidden_act": arch.hidden_act,
+    }
+
+
 def with_native_fields(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Add transformers-native fields matching the hub fields (what transformers >= 5.20 reads)."""
+    """``cfg`` with every architecture field in hub spelling (those it lacks filled in from what it states) and
+    the matching transformers-native fields (what transformers >= 5.20 reads)."""
+    cfg = dict(cfg)
+    for name, value in architecture_fields(parse_architecture(cfg)).items():
+        if cfg.get(name) is None:
+            cfg[name] = value
+    cfg.setdefault("pad_token_id", None)  # SGLang reads it without a default
     rope = lambda theta: {  # noqa: E731
         "rope_type": "default",
         "rope_theta": theta,

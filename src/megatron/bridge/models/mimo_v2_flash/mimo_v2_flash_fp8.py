@@ -1,19 +1,12 @@
 """Exact block-wise FP8 (``float8_e4m3fn`` + ``<name>_scale_inv``) dequantization for MiMo-V2-Flash checkpoints.
 
-``value = fp8.float() * scale_inv[block]`` in fp32, cast once to the target dtype. Which scale a weight row
-uses depends on how the checkpoint was quantized; two layouts are known and each is handled exactly:
-
-* ``grid``: rows and columns cut into ``weight_block_size`` blocks from 0 (``ceil(rows / bm)`` scale rows,
-  the last block possibly partial);
-* ``fused_kv``: K and V of each KV head were quantized as one ``[dk + dv, cols]`` matrix, so per head K uses
-  ``ceil(dk / bm)`` scale rows, V the blocks from ``dk // bm`` to ``(dk + dv - 1) // bm``, and when ``dk`` is not
-  a multiple of ``bm`` one block (one scale) is shared by the end of K and the start of V. The released
-  checkpoint's full-attention ``k_proj [768, 4096]`` with scale ``[8, 32]`` is this layout (dk 192, dv 128).
-
-The layout is chosen from the shapes and confirmed from the data: the shared block of head ``h`` must carry
-the same scale in K and in V, and where two layouts fit the shapes but assign scales differently, the one in
-which every block reaches the FP8 maximum (amax scaling) wins. A layout nothing explains is an error naming the
-tensor and both shapes; block sizes are never guessed from ``rows // scale_rows``.
+``value = fp8.float() * scale_inv[block]`` in fp32, cast once to the target dtype. Which scale a weight row uses
+depends on how the checkpoint was quantized: ``grid``, ``per_rank:T``, ``fused_kv`` or ``fused_kv_split`` (see
+:mod:`fp8_scale_layouts`). The layout is decided per tensor: the shapes give the candidates, the data decides
+(amax scaling puts |fp8| = 448 in every block of the true layout). K and V projections are always decided
+together, from both tensors' data, so a V projection is never read by its shapes alone. A layout nothing
+explains, or that several explain differently, is a one-line error naming the tensor and its shapes; block sizes
+are never guessed from ``rows // scale_rows``.
 """
 
 from __future__ import annotations
@@ -23,11 +16,22 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron.bridge.models.mimo_v2_flash.fp8_scale_layouts import (
+    FP8_DTYPE,
+    FP8_MAX,
+    Candidate,
+    LayoutError,
+    decide,
+    evidence_line,
+    fused_rows,
+    parse_kv_layout,
+    rows_amax,
+    shadowed_v_rows,
+    solo_candidates,
+)
 from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
 from megatron.bridge.models.mimo_v2_flash.reused_memory import RecycledStorages, ScratchBuffers
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8_DTYPE).max
 SCALE_SUFFIX = "_scale_inv"
 HALF_EXPONENT_SHIFT = 8  # float16's exponent bias 15 minus float8_e4m3fn's 7
 FP8_MAX_SCALED = FP8_MAX * 2.0**-HALF_EXPONENT_SHIFT
@@ -38,31 +42,14 @@ _SCRATCH = ScratchBuffers()
 
 @dataclass(frozen=True)
 class ScaleLayout:
-    """How the rows of one weight map to rows of its scale tensor."""
+    """How the rows of one weight map to rows of its scale sources (their scale tensors, concatenated)."""
 
     kind: str
     row_to_scale_row: torch.Tensor
+    sources: tuple[str, ...]
     evidence: str
-
-
-def grid_row_map(rows: int, block: int) -> torch.Tensor:
-    return torch.arange(rows) // block
-
-
-def fused_kv_row_map(which: str, num_heads: int, dk: int, dv: int, block: int) -> torch.Tensor:
-    """Scale row of each K (``which='k'``) or V row when K|V of every head were quantized fused."""
-    k_blocks = (dk - 1) // block + 1
-    v_first, v_last = dk // block, (dk + dv - 1) // block
-    if which == "k":
-        rows = torch.arange(dk)
-        return torch.cat([h * k_blocks + rows // block for h in range(num_heads)])
-    rows = torch.arange(dv)
-    return torch.cat([h * (v_last - v_first + 1) + (dk + rows) // block - v_first for h in range(num_heads)])
-
-
-def expand_scale(scale: torch.Tensor, row_map: torch.Tensor, cols: int, col_block: int) -> torch.Tensor:
-    """Per-element fp32 scale ``[rows, cols]`` from a block scale tensor."""
-    return scale.float()[row_map][:, torch.arange(cols) // col_block]
+    checked: tuple[tuple[str, int, int, str], ...] = ()  # (candidate, blocks at 448, blocks, failure)
+    aliases: tuple[str, ...] = ()  # other names of the same row maps (e.g. ``per_rank:2`` for ``grid``)
 
 
 def dequantize(
@@ -113,27 +100,18 @@ def _fp8_as_scaled_float(weight: torch.Tensor, bits: torch.Tensor, out: torch.Te
     return bool(high <= FP8_MAX_SCALED) and bool(low >= -FP8_MAX_SCALED)
 
 
-def block_amax(weight: torch.Tensor, row_map: torch.Tensor, col_block: int, num_scale_rows: int) -> torch.Tensor:
-    """Largest |value| of every scale block ``[scale_rows, col_blocks]`` under a row map."""
-    col_map = torch.arange(weight.shape[1]) // col_block
-    col_blocks = int(col_map.max()) + 1
-    block_ids = row_map[:, None] * col_blocks + col_map[None, :]
-    flat = torch.zeros(num_scale_rows * col_blocks).scatter_reduce(
-        0, block_ids.flatten(), weight.float().abs().flatten(), reduce="amax"
-    )
-    return flat.view(num_scale_rows, col_blocks)
-
-
 class FP8Checkpoint:
     """Dequantizing view of an :class:`HFCheckpoint`: weights come out in a float dtype, scales are hidden."""
 
-    def __init__(self, checkpoint: HFCheckpoint) -> None:
+    def __init__(self, checkpoint: HFCheckpoint, kv_layout: str = "auto") -> None:
+        """``kv_layout``: ``auto`` (decide each K/V pair from its data) or a layout every K/V pair must have."""
         self.checkpoint = checkpoint
-        config = checkpoint.config
-        quant = config.get("quantization_config") or {}
+        quant = checkpoint.config.get("quantization_config") or {}
         self.block = tuple(quant["weight_block_size"]) if quant.get("weight_block_size") else None
-        self.head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-        self.v_head_dim = int(config.get("v_head_dim") or self.head_dim)
+        try:
+            self.kv_layout = parse_kv_layout(kv_layout)
+        except ValueError as error:
+            raise CheckpointError(str(error)) from None
         self._layouts: dict[str, ScaleLayout] = {}
         self._recycled = RecycledStorages()
         self._check_pairs()
@@ -186,8 +164,9 @@ class FP8Checkpoint:
         tensor = self.checkpoint.get(name, _SCRATCH.get("read", self.checkpoint.nbytes(name), torch.uint8))
         if stored != FP8_DTYPE:
             return out.view(shape).copy_(tensor)
-        scale = self.checkpoint.get(name + SCALE_SUFFIX)
-        return dequantize(tensor, scale, self.layout(name), self.block[1], out)
+        layout = self.layout(name)
+        scale = torch.cat([self.checkpoint.get(source) for source in layout.sources])
+        return dequantize(tensor, scale, layout, self.block[1], out)
 
     def stackable(self, names: list[str], dtypes: list[torch.dtype | None]) -> bool:
         """Whether :meth:`get_stacked` can read these: 2-D, one width, one result dtype."""
@@ -210,150 +189,148 @@ class FP8Checkpoint:
         return [self.get(n, d, out=part) for n, d, part in zip(names, dtypes, parts, strict=True)]
 
     def layout(self, name: str) -> ScaleLayout:
+        """The scale layout of FP8 weight ``name`` (a K/V projection is decided together with its partner)."""
         if name not in self._layouts:
-            self._layouts[name] = self._detect(name)
+            pair = self._kv_pair(name)
+            self._layouts.update(self._decide_pair(*pair) if pair else self._decide_solo(name))
         return self._layouts[name]
 
-    def _candidates(self, name: str) -> dict[str, torch.Tensor]:
-        rows, cols = self.checkpoint.shape(name)
-        scale_rows, scale_cols = self.checkpoint.shape(name + SCALE_SUFFIX)
-        bm, bn = self.block
-        if scale_cols != math.ceil(cols / bn):
-            raise CheckpointError(
-                self._unexplained(name, f"scale has {scale_cols} column blocks, expected {math.ceil(cols / bn)}")
-            )
-        candidates = {}
-        if scale_rows == math.ceil(rows / bm):
-            candidates["grid"] = grid_row_map(rows, bm)
-        which = (
-            "k"
-            if name.endswith("self_attn.k_proj.weight")
-            else "v"
-            if name.endswith("self_attn.v_proj.weight")
-            else None
-        )
-        head = self.head_dim if which == "k" else self.v_head_dim
-        if which and rows % head == 0:
-            heads = rows // head
-            row_map = fused_kv_row_map(which, heads, self.head_dim, self.v_head_dim, bm)
-            if int(row_map.max()) + 1 == scale_rows:
-                candidates["fused_kv"] = row_map
-        return candidates
+    def resolve_all(self) -> dict[str, int]:
+        """Decide the layout of every FP8 weight (errors before anything is written); tensors per layout."""
+        counts: dict[str, int] = {}
+        for name in self.weight_names():
+            if self.checkpoint.dtype(name) == FP8_DTYPE:
+                kind = self.layout(name).kind
+                counts[kind] = counts.get(kind, 0) + 1
+        return dict(sorted(counts.items()))
 
-    def _unexplained(self, name: str, why: str) -> str:
-        return (
-            f"{self.checkpoint.file_of(name)}: cannot explain the FP8 scale layout of {name}: weight "
-            f"{self.checkpoint.shape(name)}, scale {self.checkpoint.shape(name + SCALE_SUFFIX)}, "
-            f"block {self.block} ({why})"
-        )
+    def _kv_pair(self, name: str) -> tuple[str, str] | None:
+        for own, other in (("k_proj.weight", "v_proj.weight"), ("v_proj.weight", "k_proj.weight")):
+            if name.endswith("self_attn." + own):
+                partner = name[: -len(own)] + other
+                if partner in self.checkpoint and self.checkpoint.dtype(partner) == FP8_DTYPE:
+                    return (name, partner) if own.startswith("k") else (partner, name)
+        return None
 
-    def shared_scale_check(self, k_name: str) -> tuple[int, int] | None:
-        """For a k_proj: (heads whose shared K|V block has equal scales, heads checked); None if not applicable."""
-        bm = self.block[0]
-        v_name = k_name.replace("k_proj.weight", "v_proj.weight")
-        if self.head_dim % bm == 0 or v_name + SCALE_SUFFIX not in self.checkpoint:
-            return None
-        heads = self.checkpoint.shape(k_name)[0] // self.head_dim
-        k_scale, v_scale = self.checkpoint.get(k_name + SCALE_SUFFIX), self.checkpoint.get(v_name + SCALE_SUFFIX)
-        k_per_head = (self.head_dim - 1) // bm + 1
-        v_per_head = (self.head_dim + self.v_head_dim - 1) // bm - self.head_dim // bm + 1
-        if k_scale.shape[0] != heads * k_per_head or v_scale.shape[0] != heads * v_per_head:
-            return 0, heads
-        equal = sum(
-            bool(torch.equal(k_scale[h * k_per_head + k_per_head - 1], v_scale[h * v_per_head])) for h in range(heads)
-        )
-        return equal, heads
+    def kv_head_dims(self, name: str) -> tuple[int, int]:
+        """K and V head dims of the attention layer holding ``name`` (SWA layers may have their own)."""
+        config = self.checkpoint.config
+        head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+        v_head_dim = int(config.get("v_head_dim") or head_dim)
+        if not self.is_sliding_layer(name):
+            return head_dim, v_head_dim
+        return int(config.get("swa_head_dim") or head_dim), int(config.get("swa_v_head_dim") or v_head_dim)
 
-    def _fused_amax_fraction(self, k_name: str) -> float:
-        """Fraction of fused K|V blocks (shared blocks counted once over both parts) reaching the FP8 max."""
-        v_name = k_name.replace("k_proj.weight", "v_proj.weight")
-        if v_name not in self.checkpoint or self.checkpoint.dtype(v_name) != FP8_DTYPE:
-            return 0.0
-        bm, bn = self.block
-        heads = self.checkpoint.shape(k_name)[0] // self.head_dim
-        maxima = []
-        for which, part in (("k", k_name), ("v", v_name)):
-            row_map = fused_kv_row_map(which, heads, self.head_dim, self.v_head_dim, bm)
-            scale_rows = self.checkpoint.shape(part + SCALE_SUFFIX)[0]
-            if int(row_map.max()) + 1 != scale_rows:
-                return 0.0
-            maxima.append(block_amax(self.checkpoint.get(part), row_map, bn, scale_rows))
-        k_per_head = (self.head_dim - 1) // bm + 1
-        v_per_head = (self.head_dim + self.v_head_dim - 1) // bm - self.head_dim // bm + 1
-        return _fused_amax_fraction_impl(*maxima, heads, k_per_head, v_per_head, self.head_dim % bm != 0)
+    def is_sliding_layer(self, name: str) -> bool:
+        """Whether ``name`` belongs to a sliding-window attention layer (MTP layers included)."""
+        if ".mtp." in name:
+            return True  # MTP layers are SWA attention blocks
+        parts = name.split(".")
+        if "layers" not in parts or not parts[parts.index("layers") + 1].isdigit():
+            return False
+        layer = int(parts[parts.index("layers") + 1])
+        config = self.checkpoint.config
+        pattern, types = config.get("hybrid_layer_pattern"), config.get("layer_types")
+        if pattern is not None and layer < len(pattern):
+            return pattern[layer] == 1
+        return types is not None and layer < len(types) and types[layer] == "sliding_attention"
 
-    def _detect(self, name: str) -> ScaleLayout:
-        candidates = self._candidates(name)
-        if not candidates:
-            raise CheckpointError(self._unexplained(name, "neither the block grid nor the fused K|V layout fits"))
-        k_name = name.replace("v_proj.weight", "k_proj.weight")
-        shared = self.shared_scale_check(k_name) if "fused_kv" in candidates else None
-        if shared is not None and shared[0] != shared[1] and "grid" not in candidates:
+    def _solo(self, name: str) -> list[Candidate]:
+        rows, scale_rows = self.checkpoint.shape(name)[0], self.checkpoint.shape(name + SCALE_SUFFIX)[0]
+        return solo_candidates(rows, scale_rows, self.block[0], name, name + SCALE_SUFFIX)
+
+    def _check_columns(self, name: str) -> None:
+        cols, scale_cols = self.checkpoint.shape(name)[1], self.checkpoint.shape(name + SCALE_SUFFIX)[1]
+        if scale_cols != math.ceil(cols / self.block[1]):
             raise CheckpointError(
                 self._unexplained(
-                    name, f"shapes fit the fused K|V layout but only {shared[0]}/{shared[1]} heads share the K|V scale"
+                    (name,), f"{scale_cols} scale column blocks, expected {math.ceil(cols / self.block[1])}"
                 )
             )
-        if len(candidates) == 1 or torch.equal(*candidates.values()):
-            kind = "fused_kv" if "fused_kv" in candidates and "grid" not in candidates else "grid"
-            evidence = f"scale rows fit '{kind}' only" if len(candidates) == 1 else "grid and fused K|V coincide"
-            if shared is not None:
-                evidence += f"; K|V shared-block scales equal for {shared[0]}/{shared[1]} heads"
-            return ScaleLayout(kind, candidates[kind] if kind in candidates else candidates["grid"], evidence)
-        # Both fit the shapes and assign scales differently: decide from the data (amax scaling puts the FP8
-        # maximum in every block; a fused block's maximum may sit in either its K or its V part).
-        weight = self.checkpoint.get(name)
-        scale_rows = self.checkpoint.shape(name + SCALE_SUFFIX)[0]
-        fractions = {
-            "grid": float(
-                (block_amax(weight, candidates["grid"], self.block[1], scale_rows) == FP8_MAX).float().mean()
+
+    def _forced(self, candidates: list[Candidate], names: tuple[str, ...]) -> list[Candidate]:
+        if self.kv_layout == "auto":
+            return candidates
+        kept = [c for c in candidates if c.kind == self.kv_layout]
+        if not kept:
+            fits = ", ".join(c.kind for c in candidates) or "none"
+            raise CheckpointError(
+                self._unexplained(names, f"--fp8-kv-layout {self.kv_layout} does not fit the shapes (fitting: {fits})")
             )
-        }
-        fractions["fused_kv"] = self._fused_amax_fraction(k_name)
-        winners = [kind for kind, fraction in fractions.items() if fraction == 1.0]
-        if shared is not None and shared[0] != shared[1]:
-            winners = [kind for kind in winners if kind != "fused_kv"]
-        if len(winners) != 1:
-            raise CheckpointError(self._unexplained(name, f"ambiguous: blocks at FP8 max per layout {fractions}"))
-        evidence = f"ambiguous shapes; every block reaches the FP8 max only under '{winners[0]}' ({fractions})"
-        return ScaleLayout(winners[0], candidates[winners[0]], evidence)
+        return kept
 
+    def _decide_solo(self, name: str) -> dict[str, ScaleLayout]:
+        self._check_columns(name)
+        candidates = self._solo(name)
+        is_kv = name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight"))
+        if is_kv:
+            candidates = self._forced(candidates, (name,))
+        chosen, checked = self._run_decision(candidates, (name,), always_check=is_kv)
+        return {name: self._layout_of(chosen, checked, name)}
 
-def _fused_amax_fraction_impl(k_max, v_max, heads, k_per_head, v_per_head, shared):
-    if shared:
-        for h in range(heads):
-            joint = torch.maximum(k_max[h * k_per_head + k_per_head - 1], v_max[h * v_per_head])
-            k_max[h * k_per_head + k_per_head - 1] = joint
-            v_max[h * v_per_head] = joint
-    return float((torch.cat([k_max, v_max]) == FP8_MAX).float().mean())
-
-
-def quantize_blockwise(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Amax-scaled block FP8 quantization on the plain grid (how checkpoints are produced; used for fixtures)."""
-    bm, bn = block
-    rows, cols = weight.shape
-    scale = torch.empty(math.ceil(rows / bm), math.ceil(cols / bn))
-    quantized = torch.empty(rows, cols, dtype=FP8_DTYPE)
-    for i in range(scale.shape[0]):
-        for j in range(scale.shape[1]):
-            tile = weight[i * bm : (i + 1) * bm, j * bn : (j + 1) * bn].float()
-            amax = tile.abs().max().clamp(min=1e-12)
-            scale[i, j] = amax / FP8_MAX
-            quantized[i * bm : (i + 1) * bm, j * bn : (j + 1) * bn] = (
-                (tile / scale[i, j]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    def _decide_pair(self, k_name: str, v_name: str) -> dict[str, ScaleLayout]:
+        for name in (k_name, v_name):
+            self._check_columns(name)
+        sk = self.checkpoint.shape(k_name + SCALE_SUFFIX)[0]
+        sources = (k_name + SCALE_SUFFIX, v_name + SCALE_SUFFIX)
+        pairs = [(k, v) for k in self._solo(k_name) for v in self._solo(v_name)]
+        pairs.sort(key=lambda pair: pair[0].kind != pair[1].kind)  # one name for both first: "per_rank:2"
+        candidates = [
+            Candidate(
+                k.kind if k.kind == v.kind else f"k:{k.kind}+v:{v.kind}",
+                {k_name: k.row_maps[k_name], v_name: v.row_maps[v_name] + sk},
+                sources,
             )
-    return quantized, scale
+            for k, v in pairs
+        ]
+        dk, dv = self.kv_head_dims(k_name)
+        (k_rows, _), (v_rows, _) = self.checkpoint.shape(k_name), self.checkpoint.shape(v_name)
+        heads = k_rows // dk
+        if k_rows == heads * dk and v_rows == heads * dv and heads > 0:
+            bm, sv = self.block[0], self.checkpoint.shape(v_name + SCALE_SUFFIX)[0]
+            for kind, split in (("fused_kv", False), ("fused_kv_split", True)):
+                k_map, v_map, k_need, v_need = fused_rows(heads, dk, dv, bm, split)
+                if (k_need, v_need) == (sk, sv):
+                    shadowed = [] if split else [(k, sk + v) for k, v in shadowed_v_rows(heads, dk, dv, bm)]
+                    candidates.append(Candidate(kind, {k_name: k_map, v_name: v_map}, sources, shadowed))
+        candidates = self._forced(candidates, (k_name, v_name))
+        chosen, checked = self._run_decision(candidates, (k_name, v_name), always_check=True)
+        return {name: self._layout_of(chosen, checked, name) for name in (k_name, v_name)}
 
+    def _run_decision(
+        self, candidates: list[Candidate], names: tuple[str, ...], always_check: bool
+    ) -> tuple[Candidate, list[Candidate]]:
+        data: dict[str, torch.Tensor] = {}
 
-def quantize_fused_kv(k: torch.Tensor, v: torch.Tensor, num_heads: int, block: tuple[int, int]):
-    """Quantize K and V the way the release did: per KV head, ``[K_h; V_h]`` as one matrix on the grid."""
-    dk, dv = k.shape[0] // num_heads, v.shape[0] // num_heads
-    qk, sk, qv, sv = [], [], [], []
-    bm = block[0]
-    for h in range(num_heads):
-        fused_q, fused_s = quantize_blockwise(torch.cat([k[h * dk : (h + 1) * dk], v[h * dv : (h + 1) * dv]]), block)
-        qk.append(fused_q[:dk])
-        qv.append(fused_q[dk:])
-        sk.append(fused_s[: (dk - 1) // bm + 1])
-        sv.append(fused_s[dk // bm :])
-    return torch.cat(qk), torch.cat(sk), torch.cat(qv), torch.cat(sv)
+        def load(candidate: Candidate) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+            for name in candidate.row_maps:
+                if name not in data:
+                    data[name] = rows_amax(self.checkpoint.get(name), self.block[1])
+            scales = torch.cat([self.checkpoint.get(source).float() for source in candidate.sources])
+            return data, scales
+
+        try:
+            return decide(candidates, load, always_check)
+        except LayoutError as error:
+            raise CheckpointError(self._unexplained(names, str(error))) from None
+
+    def _layout_of(self, chosen: Candidate, checked: list[Candidate], name: str) -> ScaleLayout:
+        evidence = evidence_line(checked) if any(c.blocks for c in checked) else f"only {chosen.label} fits the shapes"
+        return ScaleLayout(
+            chosen.kind,
+            chosen.row_maps[name],
+            chosen.sources,
+            evidence,
+            tuple((c.label, c.blocks_at_max, c.blocks, c.failure) for c in checked if c.blocks),
+            tuple(chosen.aliases),
+        )
+
+    def _unexplained(self, names: tuple[str, ...], why: str) -> str:
+        shapes = ", ".join(
+            f"{n} weight {self.checkpoint.shape(n)} scale {self.checkpoint.shape(n + SCALE_SUFFIX)}" for n in names
+        )
+        dims = "K/V head dims {}/{}, ".format(*self.kv_head_dims(names[0])) if "self_attn" in names[0] else ""
+        return (
+            f"{self.checkpoint.file_of(names[0])}: cannot explain the FP8 scale layout of {shapes} "
+            f"({dims}block {self.block}): {why}"
+        )

@@ -186,12 +186,18 @@ def is_fp8_quantized_in_release(name: str) -> bool:
     return name.endswith("_proj.weight") and not any(part in name for part in FP8_EXCLUDED)
 
 
-def write_fp8_checkpoint(src: str | Path, dst: str | Path, block: tuple[int, int] = (16, 16)) -> Path:
-    """Re-save an HF checkpoint the way MiMo-V2-Flash was released: block FP8 projections (K|V fused per head),
-    BF16 for the rest, ``e_score_correction_bias`` kept fp32, ``quantization_config`` in config.json."""
+def write_fp8_checkpoint(
+    src: str | Path, dst: str | Path, block: tuple[int, int] = (16, 16), kv_layout: str = "fused_kv_split"
+) -> Path:
+    """Re-save an HF checkpoint the way MiMo-V2-Flash was released: block FP8 projections, BF16 for the rest,
+    ``e_score_correction_bias`` kept fp32, ``quantization_config`` in config.json.
+
+    K and V of every layer are quantized in ``kv_layout`` (default: what the release is believed to use, each
+    head's ``[K_h; V_h]`` quantized together with V keeping only its own blocks); other projections on the grid.
+    """
+    from megatron.bridge.models.mimo_v2_flash.fp8_quantization import quantize_blockwise, quantize_kv
     from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import HFCheckpoint
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import parse_architecture
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import quantize_blockwise, quantize_fused_kv
 
     src, dst = Path(src), Path(dst)
     ckpt = HFCheckpoint(src)
@@ -208,7 +214,7 @@ def write_fp8_checkpoint(src: str | Path, dst: str | Path, block: tuple[int, int
             if name.endswith("self_attn.k_proj.weight"):
                 v_name = name.replace("k_proj", "v_proj")
                 kv_heads = tensor.shape[0] // arch.head_dim
-                qk, sk, qv, sv = quantize_fused_kv(tensor, ckpt.get(v_name), kv_heads, block)
+                qk, sk, qv, sv = quantize_kv(tensor, ckpt.get(v_name), kv_heads, block, kv_layout)
                 out.update({name: qk, name + "_scale_inv": sk, v_name: qv, v_name + "_scale_inv": sv})
             elif is_fp8_quantized_in_release(name):
                 q, s = quantize_blockwise(tensor, block)
