@@ -157,10 +157,11 @@ def _prepare(args: argparse.Namespace) -> None:
 
     summary = prepare(args.hf_path, args.output, keep_mtp=args.keep_mtp, overwrite=args.overwrite,
                       max_shard_bytes=int(args.max_shard_gb * 1e9), fp8_kv_layout=args.fp8_kv_layout)  # fmt: skip
-    layouts = ", ".join(f"{kind} x{count}" for kind, count in summary["fp8_layouts"].items())
-    fp8 = f", FP8 dequantized (scale layouts: {layouts})" if summary["fp8_source"] else ""
+    fp8 = ", FP8 dequantized" if summary["fp8_source"] else ""
     print(f"prepared {summary['tensors']} tensors ({human_bytes(summary['bytes'])} BF16, {summary['shards']} "
           f"shard(s){fp8}; MTP {summary['mtp']}) in {summary['seconds']:.1f} s -> {summary['output']}")  # fmt: skip
+    if summary["fp8_layouts"]:
+        print("FP8 scale layouts: " + ", ".join(f"{kind} x{count}" for kind, count in summary["fp8_layouts"].items()))
 
 
 def _plan(args: argparse.Namespace) -> None:

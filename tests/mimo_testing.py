@@ -72,3 +72,56 @@ def edit_checkpoint(
         path = dst / "config.json"
         path.write_text(json.dumps(config(json.loads(path.read_text())), indent=2))
     return dst
+
+
+# config.json fields that the serving stacks' MiMo-V2 model files read without a default (an export lacking one
+# fails to load before any weight is read), from their source:
+#   vLLM vllm/model_executor/models/mimo_v2_flash.py (and mimo_v2.py, mimo_v2_flash_mtp.py, mimo_v2_mtp.py);
+#   SGLang python/sglang/srt/models/mimo_v2_flash.py and mimo_v2_flash_nextn.py, plus SGLang's KV-cache sizing,
+#   which reads swa_head_dim and swa_v_head_dim.
+SERVING_REQUIRED_CONFIG_FIELDS = (
+    "attention_bias",
+    "head_dim",
+    "hidden_act",
+    "hidden_size",
+    "hybrid_layer_pattern",
+    "intermediate_size",
+    "layernorm_epsilon",
+    "moe_intermediate_size",
+    "n_group",
+    "n_routed_experts",
+    "norm_topk_prob",
+    "num_attention_heads",
+    "num_experts_per_tok",
+    "num_hidden_layers",
+    "num_key_value_heads",
+    "sliding_window_size",
+    "swa_head_dim",
+    "swa_num_attention_heads",
+    "swa_num_key_value_heads",
+    "swa_v_head_dim",
+    "tie_word_embeddings",
+    "topk_group",
+    "topk_method",
+    "vocab_size",
+)
+# Read with a default that would be wrong for MiMo-V2-Flash (e.g. swa_v_head_dim -> swa_head_dim, v_head_dim ->
+# head_dim, sinks off, no value scale, rope_theta 1e6, partial_rotary_factor 1.0, max positions 32768).
+SERVING_DEFAULTED_CONFIG_FIELDS = (
+    "v_head_dim",
+    "add_swa_attention_sink_bias",
+    "add_full_attention_sink_bias",
+    "attention_value_scale",
+    "rope_theta",
+    "swa_rope_theta",
+    "partial_rotary_factor",
+    "max_position_embeddings",
+    "moe_layer_freq",
+)
+
+
+def missing_serving_fields(config: dict) -> list[str]:
+    """Fields vLLM / SGLang need that ``config`` lacks (``pad_token_id`` must exist, SGLang reads it; null is fine)."""
+    fields = SERVING_REQUIRED_CONFIG_FIELDS + SERVING_DEFAULTED_CONFIG_FIELDS
+    missing = [name for name in fields if config.get(name) is None]
+    return missing + ([] if "pad_token_id" in config else ["pad_token_id"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -145,6 +146,7 @@ def test_transformers_loads_export_and_agrees_with_megatron(fp8_hf, tmp_path):
 def test_inspect_fp8_reports_layout_and_evidence(fp8_hf, capsys):
     assert convert(["inspect-fp8", "--hf-model", str(fp8_hf)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    v_line = next(line for line in lines if line.startswith("self_attn.v_proj:"))
-    assert "fused_kv" in v_line and "shared-block scales equal for 2/2 heads" in "\n".join(lines)
+    v_line = next(line for line in lines if line.startswith("swa.self_attn.v_proj:"))
+    assert "'fused_kv_split': 2" in v_line and re.search(r"fused_kv_split (\d+)/\1$", v_line), v_line
+    assert "(rejected for 2 tensors)" in v_line  # the other candidates that fit the shapes, with their counts
     assert any(line.startswith("experts.gate_proj:") and "'grid'" in line for line in lines)

@@ -101,3 +101,29 @@ def test_inconsistent_double_spelling_is_an_error():
     cfg["layer_types"] = ["sliding_attention"] * len(cfg["layer_types"])
     with pytest.raises(MiMoV2FlashConfigError, match="disagree"):
         parse_architecture(cfg)
+
+
+def test_written_configs_carry_every_field_the_serving_stacks_read():
+    """A source config without the SWA fields (or in the native spelling only) still exports all of them."""
+    import dataclasses
+
+    import torch
+    from mimo_testing import missing_serving_fields
+
+    from megatron.bridge.models.mimo_v2_flash.hf_export import export_config
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import released_config
+
+    bare = {k: v for k, v in released_config().items() if not k.startswith("swa_") or k == "swa_rope_theta"}
+    bare.pop("swa_num_key_value_heads", None)
+    assert missing_serving_fields(bare)  # the fixture really lacks them
+    for source in (bare, _native_only(HUB_ONLY), HUB_ONLY):
+        written = export_config(source, torch.bfloat16)
+        assert missing_serving_fields(written) == []
+        arch = parse_architecture(source)
+        assert written["swa_v_head_dim"] == written["v_head_dim"] == arch.v_head_dim  # not swa_head_dim
+        assert (
+            written["swa_head_dim"] == arch.head_dim and written["swa_num_attention_heads"] == arch.num_attention_heads
+        )
+        assert written["swa_num_key_value_heads"] == arch.swa_num_kv_heads
+        assert dataclasses.replace(parse_architecture(written), torch_dtype=arch.torch_dtype) == arch
+    assert missing_serving_fields(with_native_fields(tiny_config())) == []  # what the tiny maker writes

@@ -9,17 +9,14 @@ import json
 import math
 from pathlib import Path
 
+import fp8_reference
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from megatron.bridge.models.mimo_v2_flash.fp8_quantization import quantize_blockwise
 from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import (
-    FP8_DTYPE,
-    FP8Checkpoint,
-    quantize_blockwise,
-    quantize_fused_kv,
-)
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8_DTYPE, FP8Checkpoint
 
 
 def reference_grid(q: torch.Tensor, scale: torch.Tensor, bm: int, bn: int) -> torch.Tensor:
@@ -31,21 +28,6 @@ def reference_grid(q: torch.Tensor, scale: torch.Tensor, bm: int, bn: int) -> to
                 q[bi * bm : (bi + 1) * bm, bj * bn : (bj + 1) * bn].float() * scale[bi, bj].item()
             )
     return out
-
-
-def reference_fused(qk, sk, qv, sv, heads, dk, dv, bm, bn):
-    """Rebuild each head's fused [K_h; V_h] FP8 matrix and its grid scale, dequantize on the grid, split."""
-    ks, vs = [], []
-    for h in range(heads):
-        fused_q = torch.cat([qk[h * dk : (h + 1) * dk], qv[h * dv : (h + 1) * dv]])
-        k_blocks = math.ceil(dk / bm)
-        shared = dk % bm != 0
-        v_scale_rows = sv[h * (sv.shape[0] // heads) : (h + 1) * (sv.shape[0] // heads)]
-        fused_s = torch.cat([sk[h * k_blocks : (h + 1) * k_blocks], v_scale_rows[1:] if shared else v_scale_rows])
-        fused = reference_grid(fused_q, fused_s, bm, bn)
-        ks.append(fused[:dk])
-        vs.append(fused[dk:])
-    return torch.cat(ks), torch.cat(vs)
 
 
 def write_checkpoint(directory: Path, tensors: dict, config: dict) -> Path:
@@ -165,27 +147,6 @@ def test_every_fp8_value_dequantizes_exactly(with_nan, scale_value, dtype, tmp_p
     assert bool(torch.isnan(got).any()) == with_nan
 
 
-@pytest.mark.parametrize(
-    "kv_heads, dk, dv, block",
-    [(4, 192, 128, (128, 128)), (8, 192, 128, (128, 128)), (2, 24, 16, (16, 16)), (3, 40, 72, (32, 16))],
-)
-def test_fused_kv_layout_is_exact(kv_heads, dk, dv, block, tmp_path):
-    """Includes the release's shapes: full k_proj [768, 4096] scale [8, 32], SWA k_proj [1536, 4096] [16, 32]."""
-    cols = 4096 if dk == 192 else 48
-    k, v = torch.randn(kv_heads * dk, cols), torch.randn(kv_heads * dv, cols) * 3
-    qk, sk, qv, sv = quantize_fused_kv(k, v, kv_heads, block)
-    if (dk, dv, block) == (192, 128, (128, 128)):
-        assert tuple(sk.shape) == (2 * kv_heads, 32) and tuple(sv.shape) == (2 * kv_heads, 32)
-    p = "model.layers.3.self_attn."
-    ckpt = kv_checkpoint(tmp_path, p, (qk, sk, qv, sv), config_for(dk, dv, block))
-    want_k, want_v = reference_fused(qk, sk, qv, sv, kv_heads, dk, dv, *block)
-    assert torch.equal(ckpt.get(p + "k_proj.weight"), want_k)
-    assert torch.equal(ckpt.get(p + "v_proj.weight"), want_v)
-    assert ckpt.layout(p + "v_proj.weight").kind == "fused_kv"
-    # Dequantized values are close to the originals (sanity of the fixture, not of the formula).
-    assert (ckpt.get(p + "k_proj.weight") - k).abs().max() < 0.1 * k.abs().max()
-
-
 def _upstream_dequant():
     """Upstream megatron-bridge 0.6.2's ``_dequant_fp8_blockwise``, extracted from the installed wheel's source."""
     spec = importlib.util.find_spec("megatron.bridge")
@@ -197,17 +158,25 @@ def _upstream_dequant():
     return namespace["_dequant_fp8_blockwise"]
 
 
-def test_upstream_dequant_is_wrong_on_the_released_k_layout_and_ours_is_right(tmp_path):
+@pytest.mark.parametrize("layout", ["fused_kv", "fused_kv_split"])
+def test_upstream_dequant_is_wrong_on_the_fused_layouts_and_ours_is_right(layout, tmp_path):
     upstream = _upstream_dequant()
-    kv_heads, dk, dv, block = 4, 192, 128, (128, 128)
-    k, v = torch.randn(kv_heads * dk, 256), torch.randn(kv_heads * dv, 256) * 5
-    qk, sk, qv, sv = quantize_fused_kv(k, v, kv_heads, block)
-    want_k, _ = reference_fused(qk, sk, qv, sv, kv_heads, dk, dv, *block)
+    kv_heads, block = 4, (128, 128)
+    generator = torch.Generator().manual_seed(3)
+    k, v = (
+        torch.randn(kv_heads * 192, 512, generator=generator),
+        torch.randn(kv_heads * 128, 512, generator=generator) * 5,
+    )
+    qk, sk, qv, sv = fp8_reference.quantize(k, v, kv_heads, block, layout)
+    want_k, want_v = fp8_reference.dequantize(qk, sk, qv, sv, kv_heads, block, layout)
     upstream_k = upstream(qk, sk).float()  # 768 rows // 8 scale rows -> 96-row blocks
     assert (upstream_k - want_k.to(torch.bfloat16).float()).abs().max() > 1e-2
+    if layout == "fused_kv_split":  # V [512, 512] with scale [4, 4]: 128-row blocks, K's scale ignored
+        assert (upstream(qv, sv).float() - want_v.to(torch.bfloat16).float()).abs().max() > 1e-2
     p = "model.layers.0.self_attn."
-    ours = kv_checkpoint(tmp_path, p, (qk, sk, qv, sv), config_for(dk, dv, block))
+    ours = kv_checkpoint(tmp_path, p, (qk, sk, qv, sv), config_for(192, 128, block))
     assert torch.equal(ours.get(p + "k_proj.weight", torch.bfloat16), want_k.to(torch.bfloat16))
+    assert torch.equal(ours.get(p + "v_proj.weight", torch.bfloat16), want_v.to(torch.bfloat16))
 
 
 def test_upstream_dequant_is_wrong_or_fails_on_partial_blocks():
@@ -217,37 +186,6 @@ def test_upstream_dequant_is_wrong_or_fails_on_partial_blocks():
     q, s = quantize_blockwise(torch.randn(129, 256), (128, 128))
     with pytest.raises(RuntimeError):
         _upstream_dequant()(q, s)
-
-
-def test_ambiguous_shapes_are_resolved_by_amax_evidence(tmp_path):
-    """K shapes that fit both the grid and the fused layout with different scale assignments: the data decides."""
-    found = None
-    for heads in range(1, 5):
-        for dk in range(2, 80, 2):
-            for dv in range(8, 40, 8):
-                bm = 16
-                k_blocks = (dk - 1) // bm + 1
-                if heads * k_blocks == math.ceil(heads * dk / bm) and dk % bm and heads > 1:
-                    found = (heads, dk, dv, bm)
-                    break
-            if found:
-                break
-        if found:
-            break
-    assert found is not None
-    heads, dk, dv, bm = found
-    generator = torch.Generator().manual_seed(0)
-    k, v = torch.randn(heads * dk, 32, generator=generator), torch.randn(heads * dv, 32, generator=generator)
-    # Each head's fused K|V block peaks in the head's first K row. Random data alone sometimes put an FP8 maximum
-    # into every grid block as well (about 6% of draws), and a detector that refuses to guess then rightly fails.
-    k[::dk] = 10.0
-    qk, sk, qv, sv = quantize_fused_kv(k, v, heads, (bm, 16))
-    p = "model.layers.0.self_attn."
-    ckpt = kv_checkpoint(tmp_path, p, (qk, sk, qv, sv), config_for(dk, dv, (bm, 16)))
-    layout = ckpt.layout(p + "k_proj.weight")
-    assert layout.kind == "fused_kv", layout.evidence
-    want_k, _ = reference_fused(qk, sk, qv, sv, heads, dk, dv, bm, 16)
-    assert torch.equal(ckpt.get(p + "k_proj.weight"), want_k)
 
 
 def test_unexplained_layout_is_an_error_naming_tensor_and_shapes(tmp_path):
@@ -262,17 +200,6 @@ def test_unexplained_layout_is_an_error_naming_tensor_and_shapes(tmp_path):
     )
     with pytest.raises(CheckpointError, match=r"down_proj\.weight.*\(256, 256\).*\(3, 2\)"):
         ckpt.get(name)
-
-
-def test_fused_shape_with_contradicting_scales_is_refused(tmp_path):
-    kv_heads, dk, dv, block = 4, 192, 128, (128, 128)
-    qk, sk, qv, sv = quantize_fused_kv(torch.randn(768, 256), torch.randn(512, 256), kv_heads, block)
-    sv = sv.clone()
-    sv[0] *= 2  # head 0's shared block no longer has one scale
-    p = "model.layers.0.self_attn."
-    ckpt = kv_checkpoint(tmp_path, p, (qk, sk, qv, sv), config_for(dk, dv, block))
-    with pytest.raises(CheckpointError, match="share the K|V scale"):
-        ckpt.get(p + "v_proj.weight")
 
 
 def test_fp8_weight_without_scale_and_scale_without_weight(tmp_path):

@@ -260,11 +260,15 @@ class FP8Checkpoint:
         return kept
 
     def _decide_solo(self, name: str) -> dict[str, ScaleLayout]:
+        """A tensor quantized on its own. Only K/V projections (and tensors the plain grid cannot explain) may be
+        per-rank: their candidates are checked against the data; any other tensor the grid fits is on the grid."""
         self._check_columns(name)
         candidates = self._solo(name)
         is_kv = name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight"))
         if is_kv:
             candidates = self._forced(candidates, (name,))
+        elif candidates and candidates[0].kind == "grid":
+            candidates = candidates[:1]
         chosen, checked = self._run_decision(candidates, (name,), always_check=is_kv)
         return {name: self._layout_of(chosen, checked, name)}
 
