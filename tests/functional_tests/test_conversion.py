@@ -79,6 +79,22 @@ def test_bf16_round_trip_is_bit_exact(bf16_hf, tmp_path, parallel_state):
     assert len(set(index["weight_map"].values())) > 1  # several shards were written
 
 
+def test_import_on_a_cuda_host_produces_every_buffer_from_the_hf_weights(bf16_hf, tmp_path, parallel_state):
+    """On a CUDA host Megatron-Core creates the router's expert_bias on ``torch.cuda.current_device()`` (a real
+    device, not meta) while the model is built for the import: simulated here by answering the CPU."""
+    megatron_dir, export_dir = tmp_path / "megatron", tmp_path / "export"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "current_device", lambda: torch.device("cpu"))
+        assert convert(["import", "--hf-model", str(bf16_hf), "--megatron-path", str(megatron_dir)]) == 0
+    export = ["export", "--hf-model", str(bf16_hf), "--megatron-path", str(megatron_dir), "--hf-path", str(export_dir)]
+    assert convert(export) == 0
+    original, exported = hf_state_dict(bf16_hf), hf_state_dict(export_dir)
+    biases = [name for name in original if name.endswith("e_score_correction_bias")]
+    assert biases and all(original[name].abs().sum() > 0 for name in biases)
+    for name in biases:
+        assert torch.equal(exported[name], original[name]), name
+
+
 def test_fp8_round_trip_equals_bf16_of_dequantized(fp8_hf, tmp_path, parallel_state):
     export_dir = _round_trip(fp8_hf, tmp_path)
     reader = FP8Checkpoint(HFCheckpoint(fp8_hf))

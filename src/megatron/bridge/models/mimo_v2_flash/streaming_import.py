@@ -65,6 +65,14 @@ class ParameterMaterializer:
         self._pending: dict[str, Future] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="materialize")
 
+    def owns(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is (a view of) one of the model's parameters or buffers, wherever it was created."""
+        return _storage_key(tensor) in self.names
+
+    def unproduced(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` (what the checkpoint will hold) that no HF weight produces."""
+        return [name for name in names if self.registry.megatron_to_hf_lookup(name) is None]
+
     def expect(self, views: Iterable[torch.Tensor]) -> None:
         """The meta views in the order they will be asked for; computing the first ones starts now."""
         order = []
@@ -123,20 +131,16 @@ class ParameterMaterializer:
         meta = self.metas[name]
         mapping = self.registry.megatron_to_hf_lookup(name)
         if mapping is None:
-            # Buffers without an HF counterpart (e.g. token counters) start from their initial value: zeros.
-            value = torch.zeros(meta.shape, dtype=meta.dtype)
-        else:
-            module = self.model.get_submodule(name.rsplit(".", 1)[0])
-            module.to_empty(device="cpu", recurse=False)
-            try:
-                hf_weights = self.bridge.maybe_modify_loaded_hf_weight(mapping.hf_param, self.hf_state)
-                value = mapping.hf_to_megatron(hf_weights, module).to(meta.dtype).contiguous()
-            finally:
-                module.to_empty(device="meta", recurse=False)
-            if tuple(value.shape) != tuple(meta.shape):
-                raise ValueError(
-                    f"{name}: mapped to shape {tuple(value.shape)}, the model expects {tuple(meta.shape)}"
-                )
+            raise ValueError(f"{name}: the checkpoint holds it but no HF weight produces it")
+        module = self.model.get_submodule(name.rsplit(".", 1)[0])
+        module.to_empty(device="cpu", recurse=False)
+        try:
+            hf_weights = self.bridge.maybe_modify_loaded_hf_weight(mapping.hf_param, self.hf_state)
+            value = mapping.hf_to_megatron(hf_weights, module).to("cpu", meta.dtype).contiguous()
+        finally:
+            module.to_empty(device="meta", recurse=False)
+        if tuple(value.shape) != tuple(meta.shape):
+            raise ValueError(f"{name}: mapped to shape {tuple(value.shape)}, the model expects {tuple(meta.shape)}")
         self.tensors += 1
         return value
 
@@ -150,12 +154,14 @@ class _MaterializingPlanner(MCoreSavePlanner):
         plan = super().finish_plan(new_plan)
         # The file writer resolves the items in plan order (one file each): announce it for computing ahead.
         tensors = [self.lookup_object(item.index) for item in plan.items if item.type != WriteItemType.BYTE_IO]
-        self.materialize.expect(t for t in tensors if isinstance(t, torch.Tensor) and t.is_meta)
+        self.materialize.expect(t for t in tensors if isinstance(t, torch.Tensor) and self.materialize.owns(t))
         return plan
 
     def resolve_data(self, write_item):
         data = super().resolve_data(write_item)
-        if isinstance(data, torch.Tensor) and data.is_meta:
+        # Every parameter and buffer is produced from the HF weights, not only those on the meta device: on a CUDA
+        # host Megatron-Core creates some buffers (the router's expert_bias) on the GPU, zero-filled.
+        if isinstance(data, torch.Tensor) and self.materialize.owns(data):
             return self.materialize(data)
         return data
 
@@ -216,10 +222,14 @@ def stream_import(hf_dir: Path, megatron_path: Path, dtype: torch.dtype) -> int:
     from megatron.bridge.training.tokenizers.tokenizer import build_tokenizer
 
     from megatron.bridge import AutoBridge
+    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
     from megatron.bridge.models.mimo_v2_flash.inference import build_meta_model, configure_provider
 
     auto = AutoBridge.from_hf_pretrained(str(hf_dir))
     provider = configure_provider(auto.to_megatron_provider(load_weights=False), dtype, parallel_output=True)
+    # The local backend writes the same checkpoint keys as TransformerEngine (see the layer specs) and builds on
+    # the meta device whatever the host (TE layers would be created on the CPU under use_cpu_initialization).
+    provider.use_transformer_engine = False
     model = build_meta_model(provider)
     params = [*model.named_parameters(), *model.named_buffers()]
     total_bytes = sum(t.numel() * t.element_size() for _, t in params)
@@ -227,6 +237,12 @@ def stream_import(hf_dir: Path, megatron_path: Path, dtype: torch.dtype) -> int:
     model_bridge = auto._model_bridge  # a property: a new bridge on every access
     model_bridge.fp8_dequant_dtype = dtype
     materializer = ParameterMaterializer(model, model_bridge, auto.hf_pretrained.state, progress=bar.update)
+    held = [name for name, value in model.state_dict(keep_vars=True).items() if isinstance(value, torch.Tensor)]
+    unproduced = materializer.unproduced(held)
+    if unproduced:
+        raise CheckpointError(
+            f"{hf_dir}: no HF weight produces Megatron's {unproduced[0]} (and {len(unproduced) - 1} more)"
+        )
     has_tokenizer = any(hf_dir.glob("tokenizer*"))
     tokenizer = (
         TokenizerConfig(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(hf_dir)) if has_tokenizer else None
