@@ -19,6 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_mtp_block_spec,
 )
 from megatron.core.transformer import ModuleSpec
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_attention import (
@@ -91,6 +92,22 @@ def _use_mimo_attention(layer_spec: ModuleSpec, use_te: bool, attention_kind: st
     attention.submodules.core_attention = core
 
 
+def _te_checkpoint_keys(layer_spec: ModuleSpec) -> None:
+    """Make a local layer's checkpoint keys those of the TransformerEngine spec.
+
+    ``get_gpt_layer_local_spec`` maps ``pre_mlp_layernorm.`` to ``mlp.linear_fc1.layer_norm_`` on every layer;
+    the TE spec fuses that norm into ``linear_fc1`` only in dense layers and keeps ``pre_mlp_layernorm.weight``
+    in MoE layers (whose ``mlp`` is a ``MoELayer``). Upstream Megatron-Bridge checkpoints are written with the TE
+    spec, so MoE layers keep their own key here too.
+    """
+    keys_map = layer_spec.submodules.sharded_state_dict_keys_map
+    mlp = layer_spec.submodules.mlp  # a ModuleSpec, or (Megatron-Core 0.19) a partial of the module class
+    if keys_map and MoELayer in (getattr(mlp, "module", None), getattr(mlp, "func", None)):
+        layer_spec.submodules.sharded_state_dict_keys_map = {
+            k: v for k, v in keys_map.items() if not k.startswith("pre_mlp_layernorm.")
+        }
+
+
 def mimo_v2_flash_block_spec(config, vp_stage: int | None = None):
     """Decoder block spec (dense / MoE per layer) with MiMo attention, for the configured backend."""
     use_te = config.use_transformer_engine
@@ -99,6 +116,8 @@ def mimo_v2_flash_block_spec(config, vp_stage: int | None = None):
     )
     for layer_spec in spec.layer_specs:
         _use_mimo_attention(layer_spec, use_te)
+        if not use_te:
+            _te_checkpoint_keys(layer_spec)
     return spec if use_te else _with_mimo_norm(spec)
 
 

@@ -33,6 +33,21 @@ from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_layer_specs import (
 from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
 
 
+class MiMoV2FlashGPTModel(MCoreGPTModel):
+    """Megatron-Core's GPT model whose checkpoints hold the weights only, never ``_extra_state``.
+
+    TransformerEngine modules add ``_extra_state`` entries (FP8 scaling state, empty in bf16) that the local
+    backend does not have, and Megatron-Core's loader fails on any requested key a checkpoint lacks. Leaving them
+    out of the sharded state dict makes one checkpoint layout for both backends: a checkpoint written on either
+    loads on the other, one that carries ``_extra_state`` (upstream's) loads too (unrequested keys are skipped),
+    and a missing weight still fails.
+    """
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        return {key: value for key, value in sharded.items() if not key.rsplit(".", 1)[-1].startswith("_extra_state")}
+
+
 def transformer_engine_usable() -> bool:
     """TransformerEngine can run here: it is installed and a CUDA device is present."""
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
@@ -161,7 +176,7 @@ class MiMoV2FlashModelProvider(GPTModelProvider):
             post_process = is_vp_last_stage(vp_stage, vp_size) and is_pp_last_stage(self._pg_collection.pp)
         self._vp_stage = vp_stage
         with torch.device("meta") if self.init_model_with_meta_device else contextlib.nullcontext():
-            model = MCoreGPTModel(
+            model = MiMoV2FlashGPTModel(
                 self,
                 transformer_layer_spec=layer_spec,
                 vocab_size=vocab_size,
