@@ -95,6 +95,35 @@ def test_import_on_a_cuda_host_produces_every_buffer_from_the_hf_weights(bf16_hf
         assert torch.equal(exported[name], original[name]), name
 
 
+def test_a_checkpoint_trained_with_te_exports_and_loads_on_this_host(bf16_hf, tmp_path, parallel_state):
+    """The backend is chosen where a checkpoint is loaded: one whose run config records a TransformerEngine GPU
+    run (TE, grouped GEMM, alltoall, fusions) exports and loads here, on the local backend."""
+    from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import load_megatron_checkpoint
+
+    megatron_dir, export_dir = tmp_path / "megatron", tmp_path / "export"
+    assert convert(["import", "--hf-model", str(bf16_hf), "--megatron-path", str(megatron_dir)]) == 0
+    run_config = next(megatron_dir.rglob("run_config.yaml"))
+    text = run_config.read_text()
+    for setting, gpu_value in (
+        ("use_transformer_engine", "true"),
+        ("moe_grouped_gemm", "true"),
+        ("moe_token_dispatcher_type", "alltoall"),
+        ("gradient_accumulation_fusion", "true"),
+        ("use_cpu_initialization", "false"),
+    ):
+        text, count = re.subn(rf"(?m)^(  {setting}): .*$", rf"\1: {gpu_value}", text)
+        assert count == 1, setting
+    run_config.write_text(text)
+    export = ["export", "--hf-model", str(bf16_hf), "--megatron-path", str(megatron_dir), "--hf-path", str(export_dir)]
+    assert convert(export) == 0
+    original, exported = hf_state_dict(bf16_hf), hf_state_dict(export_dir)
+    assert all(torch.equal(exported[name], tensor) for name, tensor in original.items())
+    model = load_megatron_checkpoint(megatron_dir, torch.float32)
+    assert model.config.use_transformer_engine is False and not model.config.moe_grouped_gemm
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[3, 4, 5]]), torch.arange(3).unsqueeze(0), None)).all()
+
+
 def test_fp8_round_trip_equals_bf16_of_dequantized(fp8_hf, tmp_path, parallel_state):
     export_dir = _round_trip(fp8_hf, tmp_path)
     reader = FP8Checkpoint(HFCheckpoint(fp8_hf))

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size")
-    parser.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
+    parser.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default 1)")
     parser.add_argument("--peft", choices=["none", "lora"], default="none", help="full fine-tuning or LoRA")
     parser.add_argument("--lora-dim", type=int, default=16, help="LoRA rank")
     parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (update scaled by alpha/rank)")
@@ -75,6 +75,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--moe-z-loss-coeff", type=float, default=None, help="MoE router z-loss weight")
     parser.add_argument("--save-interval", type=int, default=None, help="checkpoint every N steps (default: at end)")
     parser.add_argument("--seed", type=int, default=1234, help="random seed")
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "te", "local"],
+        default="auto",
+        help="model backend: TransformerEngine (te), pure torch (local) or auto (TE where CUDA and TE are usable)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved ConfigContainer as YAML and exit (no training, no weights read; --hf-model may "
+        "hold only config.json and a tokenizer)",
+    )
     parser.add_argument("--nproc-per-node", type=int, default=1, help="processes finetune.sh starts (torchrun)")
     parser.add_argument("--preflight", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_known_args(argv)
@@ -192,6 +204,104 @@ def find_tokenizer(args: argparse.Namespace, pretrained: Path, hf_model: Path | 
     raise CheckpointError(f"no HF tokenizer in {', '.join(map(str, candidates))}; pass --tokenizer DIR")
 
 
+def recipe_config(args, pretrained, dataset_root, data_format, tokenizer, output, backend, model=None):
+    """The recipe's ``ConfigContainer`` for these command-line arguments."""
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import mimo_v2_flash_finetune_config
+
+    tiny = args.hf_model is None and args.megatron_path is None
+    return mimo_v2_flash_finetune_config(
+        pretrained_checkpoint=pretrained,
+        dataset_root=dataset_root,
+        data_format=data_format,
+        tokenizer=tokenizer,
+        output_dir=output,
+        peft=args.peft,
+        train_iters=args.train_iters or (40 if tiny else 100),
+        lr=args.lr if args.lr is not None else (3e-3 if tiny else None),
+        micro_batch_size=args.micro_batch_size or 1,
+        global_batch_size=args.global_batch_size or 8,
+        seq_length=args.seq_length or (64 if tiny else 2048),
+        tp=args.tp,
+        pp=args.pp,
+        ep=args.ep,
+        etp=args.etp,
+        mtp_loss_scale=args.mtp_loss_scale,
+        save_interval=args.save_interval,
+        router_bias_update_rate=args.router_bias_update_rate,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_z_loss_coeff=args.moe_z_loss_coeff,
+        lora_dim=args.lora_dim,
+        lora_alpha=args.lora_alpha,
+        seed=args.seed,
+        backend=backend,
+        model=model,
+    )
+
+
+def apply_overrides(cfg, overrides: list[str]) -> bool:
+    """Hydra-style ``section.key=value`` overrides; False (after a one-line error) if one is invalid."""
+    if not overrides:
+        return True
+    from megatron.bridge.training.utils.omegaconf_utils import OverridesError, process_config_with_overrides
+
+    try:
+        process_config_with_overrides(cfg, cli_overrides=overrides)
+    except OverridesError as error:
+        print(f"finetune: {str(error).splitlines()[0]}", file=sys.stderr)
+        return False
+    return True
+
+
+def print_config(args: argparse.Namespace, overrides: list[str], backend: str) -> int:
+    """Print the resolved ``ConfigContainer`` as YAML, reading configs only (no weights, no process group).
+
+    The provider comes from the HF ``config.json`` (MTP layers counted from the index, if there is one) or from
+    the Megatron checkpoint's run config. With ``--backend te`` it is the GPU configuration on any host;
+    otherwise what this host would run.
+    """
+    import json
+
+    from megatron.bridge.training.model_load_save import load_model_config
+
+    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
+    from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import latest_iteration_dir
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_bridge import count_mtp_layers, provider_from_architecture
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
+        MiMoV2FlashConfigError,
+        load_config_dict,
+        parse_architecture,
+    )
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import apply_host_settings
+
+    output = args.output.resolve()
+    try:
+        if args.megatron_path is not None:
+            model, _ = load_model_config(str(latest_iteration_dir(args.megatron_path)))
+            source = args.megatron_path
+        else:
+            source = args.hf_model or output / "tiny_hf"
+            if args.hf_model is None:
+                from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import tiny_config
+
+                raw = tiny_config()
+            else:
+                raw = load_config_dict(args.hf_model)
+            index = Path(source) / "model.safetensors.index.json"
+            keys = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+            model = provider_from_architecture(parse_architecture(raw), mtp_num_layers=count_mtp_layers(keys))
+        tokenizer = args.tokenizer or source
+        cfg = recipe_config(args, source, output / "data", "chat", tokenizer, output, backend, model=model)
+    except (CheckpointError, MiMoV2FlashConfigError) as error:
+        print(f"finetune: {error}", file=sys.stderr)
+        return 2
+    if args.backend != "te":
+        apply_host_settings(cfg)
+    if not apply_overrides(cfg, overrides):
+        return 2
+    cfg.print_yaml()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     unknown = [item for item in overrides if "=" not in item or item.startswith("-")]
@@ -204,9 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"finetune: {problem}", file=sys.stderr)
         return 2
     if args.preflight:
-        return launcher_preflight(args)
+        return 0 if args.print_config else launcher_preflight(args)
     from megatron.bridge.training.finetune import finetune
-    from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
 
     from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import (
         apply_cpu_adaptations,
@@ -217,11 +326,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import mimo_v2_flash_finetune_config
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import transformer_engine_usable
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import apply_host_settings
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_step import forward_step
     from megatron.bridge.models.mimo_v2_flash.runtime import shutdown_at_exit, use_prebuilt_dataset_helpers
     from megatron.bridge.models.mimo_v2_flash.sft_data import SFTDataError
 
+    backend = args.backend
+    if backend == "auto":
+        backend = "te" if transformer_engine_usable() else "local"
+    elif backend == "te" and not transformer_engine_usable() and not args.print_config:
+        print("finetune: --backend te needs CUDA and transformer_engine (use --backend local)", file=sys.stderr)
+        return 2
+    if args.print_config:
+        return print_config(args, overrides, backend)
     apply_cpu_adaptations()
     apply_cpu_training_adaptations()
     apply_peft_adaptations_without_te()
@@ -229,48 +347,18 @@ def main(argv: list[str] | None = None) -> int:
     init_single_process_group()
     shutdown_at_exit()
     output = args.output.resolve()
-    tiny = args.hf_model is None and args.megatron_path is None
     try:
         output.mkdir(parents=True, exist_ok=True)
         pretrained, hf_model = prepare_pretrained(args, output)
         tokenizer = find_tokenizer(args, pretrained, hf_model)
         dataset_root, data_format = prepare_data(args.data, output / "data")
-        cfg = mimo_v2_flash_finetune_config(
-            pretrained_checkpoint=pretrained,
-            dataset_root=dataset_root,
-            data_format=data_format,
-            tokenizer=tokenizer,
-            output_dir=output,
-            peft=args.peft,
-            train_iters=args.train_iters or (40 if tiny else 100),
-            lr=args.lr if args.lr is not None else (3e-3 if tiny else None),
-            micro_batch_size=args.micro_batch_size or 1,
-            global_batch_size=args.global_batch_size or 8,
-            seq_length=args.seq_length or (64 if tiny else 2048),
-            tp=args.tp,
-            pp=args.pp,
-            ep=args.ep,
-            etp=args.etp,
-            mtp_loss_scale=args.mtp_loss_scale,
-            save_interval=args.save_interval,
-            router_bias_update_rate=args.router_bias_update_rate,
-            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-            moe_z_loss_coeff=args.moe_z_loss_coeff,
-            lora_dim=args.lora_dim,
-            lora_alpha=args.lora_alpha,
-            seed=args.seed,
-        )
+        cfg = recipe_config(args, pretrained, dataset_root, data_format, tokenizer, output, backend)
     except (CheckpointError, MiMoV2FlashConfigError, SFTDataError) as error:
         print(f"finetune: {error}", file=sys.stderr)
         return 2
-    if overrides:
-        from megatron.bridge.training.utils.omegaconf_utils import OverridesError
-
-        try:
-            process_config_with_overrides(cfg, cli_overrides=overrides)
-        except OverridesError as error:
-            print(f"finetune: {str(error).splitlines()[0]}", file=sys.stderr)
-            return 2
+    apply_host_settings(cfg)
+    if not apply_overrides(cfg, overrides):
+        return 2
     with cuda_literals_on_cpu():
         finetune(cfg, forward_step)
     return 0

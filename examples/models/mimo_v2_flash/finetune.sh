@@ -24,11 +24,14 @@ args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     -h|--help) exec "$python" "$here/finetune.py" --help ;;
+    --print-config) args+=("$1"); shift; print_config=1 ;;
     --nproc-per-node) nproc="$2"; shift 2 ;;
     --nproc-per-node=*) nproc="${1#*=}"; shift ;;
     *) args+=("$1"); shift ;;
   esac
 done
+# --print-config reads configs only: one process, no torchrun, nothing imported.
+if [ -n "${print_config:-}" ]; then exec "$python" "$here/finetune.py" "${args[@]}"; fi
 # Bad paths or data get their one-line error here, before torchrun starts any process.
 "$python" "$here/finetune.py" --preflight "${args[@]}" || exit $?
 exec "$python" -m torch.distributed.run --standalone --nproc-per-node "$nproc" "$here/finetune.py" "${args[@]}"

@@ -1,4 +1,5 @@
-"""The fine-tuning recipe: Megatron-Bridge ConfigContainer for full SFT and LoRA, CPU settings only without CUDA."""
+"""The fine-tuning recipe: the GPU configuration on every host (as upstream's large-MoE recipes), full SFT and
+LoRA; the launcher's host settings change it only without CUDA."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import torch
 from mimo_testing import example_main
 
 from megatron.bridge.models.mimo_v2_flash import cpu_adaptations
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import mimo_v2_flash_finetune_config
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import (
+    apply_host_settings,
+    mimo_v2_flash_finetune_config,
+)
 
 REPO = Path(__file__).resolve().parents[4]
 
@@ -49,21 +53,43 @@ def test_sft_config(pretrained, tiny_hf_dir, tmp_path):
     assert type(cfg.dataset.preprocessing).__name__ == "ChatSFTPreprocessingConfig"
 
 
-def test_cpu_settings_applied_here(pretrained, tiny_hf_dir, tmp_path):
+def test_the_recipe_is_the_gpu_configuration_on_every_host(pretrained, tiny_hf_dir, tmp_path, monkeypatch):
+    cfg = config(pretrained, tiny_hf_dir, tmp_path, tp=2, ep=2)
+    model = cfg.model
+    assert model.use_transformer_engine is True and model.bf16 and model.params_dtype == torch.bfloat16
+    assert model.moe_grouped_gemm and model.moe_token_dispatcher_type == "alltoall" and model.moe_permute_fusion
+    assert model.gradient_accumulation_fusion and model.bias_activation_fusion and model.cross_entropy_loss_fusion
+    assert model.expert_tensor_parallel_size == 1 and model.sequence_parallel
+    assert model.recompute_granularity == "selective" and "core_attn" in model.recompute_modules
+    assert cfg.ddp.use_distributed_optimizer and cfg.optimizer.use_distributed_optimizer
+    assert cfg.ddp.overlap_grad_reduce and cfg.ddp.overlap_param_gather and cfg.optimizer.clip_grad == 1.0
+    assert cfg.mixed_precision == "bf16_mixed" and cfg.dist.distributed_backend == "nccl"
+    monkeypatch.setattr(cpu_adaptations, "cuda_absent", lambda: False)
+    on_a_gpu_host = config(pretrained, tiny_hf_dir, tmp_path, tp=2, ep=2)
+    assert repr(on_a_gpu_host.to_dict()) == repr(cfg.to_dict())  # init methods are partials: compared by repr
+
+
+def test_host_settings_change_it_only_without_cuda(pretrained, tiny_hf_dir, tmp_path, monkeypatch):
     assert cpu_adaptations.cuda_absent()
     cfg = config(pretrained, tiny_hf_dir, tmp_path)
+    assert apply_host_settings(cfg) is True
+    assert cfg.model.use_transformer_engine is False and not cfg.model.moe_grouped_gemm
+    assert cfg.model.moe_token_dispatcher_type == "allgather" and not cfg.model.gradient_accumulation_fusion
     assert cfg.dist.distributed_backend == "gloo" and cfg.mixed_precision is None
     assert cfg.model.params_dtype == torch.float32 and not cfg.model.bf16
     assert cfg.optimizer.clip_grad == 0.0 and cfg.checkpoint.load_rng is False
+    assert not cfg.ddp.use_distributed_optimizer and not cfg.optimizer.use_distributed_optimizer
     assert cfg.dataset.num_workers == 0 and not cfg.dataset.pin_memory
+    gpu = config(pretrained, tiny_hf_dir, tmp_path)
+    monkeypatch.setattr("megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe.cuda_absent", lambda: False)
+    before = repr(gpu.to_dict())
+    assert apply_host_settings(gpu) is False and repr(gpu.to_dict()) == before
 
 
-def test_cpu_settings_inactive_with_cuda(pretrained, tiny_hf_dir, tmp_path, monkeypatch):
-    cfg = config(pretrained, tiny_hf_dir, tmp_path)
-    cfg.optimizer.clip_grad, cfg.dist.distributed_backend, cfg.checkpoint.load_rng = 1.0, "nccl", True
-    monkeypatch.setattr(cpu_adaptations, "cuda_absent", lambda: False)
-    assert cpu_adaptations.apply_cpu_training_settings(cfg) is False
-    assert (cfg.optimizer.clip_grad, cfg.dist.distributed_backend, cfg.checkpoint.load_rng) == (1.0, "nccl", True)
+def test_local_backend_turns_te_only_features_off(pretrained, tiny_hf_dir, tmp_path):
+    model = config(pretrained, tiny_hf_dir, tmp_path, backend="local").model
+    assert model.use_transformer_engine is False
+    assert not model.moe_grouped_gemm and not model.gradient_accumulation_fusion and not model.moe_permute_fusion
 
 
 def test_lora_and_router_options(pretrained, tiny_hf_dir, tmp_path):
@@ -89,5 +115,5 @@ def test_refusals(pretrained, tiny_hf_dir, tmp_path):
 def test_tensor_parallel_training_uses_sequence_parallelism(pretrained, tiny_hf_dir, tmp_path):
     cfg = config(pretrained, tiny_hf_dir, tmp_path, tp=2, ep=2)
     assert cfg.model.sequence_parallel and cfg.model.tensor_model_parallel_size == 2
-    assert cfg.model.expert_model_parallel_size == 2 and cfg.model.expert_tensor_parallel_size == 2
+    assert cfg.model.expert_model_parallel_size == 2 and cfg.model.expert_tensor_parallel_size == 1
     assert not config(pretrained, tiny_hf_dir, tmp_path).model.sequence_parallel

@@ -172,6 +172,19 @@ def cuda_literals_on_cpu():
         yield
 
 
+CPU_MODEL_SETTINGS = {
+    # core/transformer/moe/token_dispatcher.py: the alltoall and flex dispatchers create CUDA streams / events.
+    "moe_token_dispatcher_type": "allgather",
+    # Megatron-Core's jit / apex fusions (bias-GeLU, bias-dropout-add, scaled masked softmax) are CUDA kernels.
+    "bias_activation_fusion": False,
+    "bias_dropout_fusion": False,
+    "masked_softmax_fusion": False,
+    # core/tensor_parallel/layers.py allocates parameters on torch.cuda.current_device() otherwise.
+    "use_cpu_initialization": True,
+}
+"""Model settings a host without CUDA needs (configuration, not patches; see ``backend_settings``)."""
+
+
 def apply_cpu_training_settings(cfg) -> bool:
     """Settings of a Megatron-Bridge ``ConfigContainer`` that let its training loop run without CUDA.
 
@@ -187,11 +200,16 @@ def apply_cpu_training_settings(cfg) -> bool:
       (``training/checkpointing.py`` ``load_checkpoint`` calls ``torch.cuda.set_rng_state``).
     * ``dataset.num_workers = 0``, ``pin_memory = False``, ``persistent_workers = False``: pinned host memory
       needs a CUDA driver, and persistent workers need worker processes.
-    * ``model.use_cpu_initialization = True``: parameters are created on the CPU (``core/tensor_parallel``
-      would allocate them on ``torch.cuda.current_device()``).
+    * the distributed optimizer off (``ddp`` and ``optimizer``), with its overlaps: its buffers and
+      all-gathers assume CUDA (Megatron-Bridge on CPU: resume is inexact with it).
+    * the model settings of :data:`CPU_MODEL_SETTINGS`.
     """
     if not cuda_absent():
         return False
+    for name, value in CPU_MODEL_SETTINGS.items():
+        setattr(cfg.model, name, value)
+    cfg.ddp.use_distributed_optimizer = cfg.optimizer.use_distributed_optimizer = False
+    cfg.ddp.overlap_grad_reduce = cfg.ddp.overlap_param_gather = False
     cfg.dist.distributed_backend = "gloo"
     cfg.mixed_precision = None
     cfg.model.bf16 = cfg.model.fp16 = cfg.optimizer.bf16 = cfg.optimizer.fp16 = False
@@ -201,7 +219,6 @@ def apply_cpu_training_settings(cfg) -> bool:
     cfg.dataset.num_workers = 0
     cfg.dataset.pin_memory = False
     cfg.dataset.persistent_workers = False
-    cfg.model.use_cpu_initialization = True
     return True
 
 

@@ -71,14 +71,18 @@ def load_megatron_checkpoint(
     ep: int = 1,
     etp: int | None = None,
     vp: int | None = None,
+    backend: str = "auto",
 ):
     """Load the latest weights under ``path`` at the given parallel layout; optionally cast to ``dtype``.
 
+    The model is built with the backend of this host (``backend_settings``), not the one recorded in the
+    checkpoint's run config: a checkpoint trained with TransformerEngine loads on a CPU machine and the reverse.
     A LoRA fine-tuning output loads as its base checkpoint with the trained adapters applied (unmerged).
     """
     from megatron.bridge.training.model_load_save import load_megatron_model
 
     from megatron.bridge.models.mimo_v2_flash.lora_checkpoint import apply_lora_adapters, find_lora_run
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import backend_settings
 
     lora_run = find_lora_run(path)
     directory = latest_iteration_dir(lora_run.base_checkpoint if lora_run is not None else path)
@@ -88,6 +92,7 @@ def load_megatron_checkpoint(
         "expert_model_parallel_size": ep,
         "expert_tensor_parallel_size": etp if etp is not None else tp,
         "virtual_pipeline_model_parallel_size": vp,
+        **backend_settings(backend),
     }
     if vp:
         # The saved value matches the layout the checkpoint was written at, not the one it is loaded at.
@@ -193,14 +198,18 @@ def iter_hf_weights(path: str | Path, mapping_registry, lora=None, adapter_sink=
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
     from megatron.bridge.models.mimo_v2_flash.inference import build_meta_model
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import backend_settings
 
     directory = latest_iteration_dir(path)
     provider, _ = load_model_config(str(directory))
+    # A meta-device model only names the checkpoint's tensors: the local backend builds it on any host, with the
+    # same checkpoint keys as TransformerEngine.
     for name, value in {
         "tensor_model_parallel_size": 1,
         "pipeline_model_parallel_size": 1,
         "expert_model_parallel_size": 1,
         "expert_tensor_parallel_size": 1,
+        **backend_settings("local"),
     }.items():
         setattr(provider, name, value)
     provider.finalize()

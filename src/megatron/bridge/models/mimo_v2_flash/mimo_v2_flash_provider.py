@@ -53,6 +53,39 @@ def transformer_engine_usable() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+BACKENDS = ("auto", "te", "local")
+
+# Features only TransformerEngine (or apex, which the local backend does not use) provides: off on the local backend.
+LOCAL_BACKEND_SETTINGS = {
+    "moe_grouped_gemm": False,
+    "apply_rope_fusion": False,
+    "gradient_accumulation_fusion": False,
+    "cross_entropy_loss_fusion": False,
+    "moe_permute_fusion": False,
+    "persist_layer_norm": False,
+}
+
+
+def backend_settings(backend: str = "auto") -> dict:
+    """Model settings that select the backend a checkpoint is built with *here*, whatever it was saved with.
+
+    ``auto``: TransformerEngine where it is usable (CUDA and TE installed), the local backend otherwise; ``te`` /
+    ``local`` force one. The local backend turns TE-only features off; a host without CUDA adds its own settings
+    (``cpu_adaptations.CPU_MODEL_SETTINGS``).
+    """
+    from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import CPU_MODEL_SETTINGS, cuda_absent
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    use_te = transformer_engine_usable() if backend == "auto" else backend == "te"
+    settings: dict = {"use_transformer_engine": use_te}
+    if not use_te:
+        settings.update(LOCAL_BACKEND_SETTINGS)
+    if cuda_absent():
+        settings.update(CPU_MODEL_SETTINGS)
+    return settings
+
+
 @dataclass
 class MiMoV2FlashModelProvider(GPTModelProvider):
     """MiMo-V2-Flash: hybrid full / sliding-window attention, Q/K head dim != V head dim, sigmoid MoE, MTP.

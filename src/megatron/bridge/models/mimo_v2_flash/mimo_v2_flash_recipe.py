@@ -7,6 +7,12 @@ model provider is the one stored with the pretrained Megatron checkpoint (writte
 
 Routing follows the original training: sigmoid scores in fp32 with the expert-bias (noaux_tc) term; the bias
 update that the original training applied is available through ``router_bias_update_rate`` and off by default.
+
+The recipe is the GPU configuration, whatever host builds it, modelled on Megatron-Bridge 0.6.2's large-MoE
+recipes (DeepSeek-V3, Qwen3-MoE): bf16, the TransformerEngine spec, grouped GEMM, the alltoall dispatcher with
+permute fusion, TE cross-entropy fusion, the distributed optimizer with overlapped reduce / gather, expert tensor
+parallelism 1, sequence parallelism with TP, selective recompute of core attention and the MoE activation. A
+launcher on a host without CUDA applies its changes in one place (``apply_host_settings``).
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ from megatron.bridge.training.config import (
 )
 from megatron.bridge.training.model_load_save import load_model_config
 
-from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import apply_cpu_training_settings
+from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import apply_cpu_training_settings, cuda_absent
 from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import latest_iteration_dir
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import LOCAL_BACKEND_SETTINGS
 from megatron.bridge.models.mimo_v2_flash.sft_data import preprocessing_for
 
 LORA_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
@@ -74,6 +81,8 @@ def mimo_v2_flash_finetune_config(
     lora_dim: int = 16,
     lora_alpha: int = 32,
     seed: int = 1234,
+    backend: str = "te",
+    model=None,
 ) -> ConfigContainer:
     """Fine-tuning configuration for MiMo-V2-Flash.
 
@@ -92,7 +101,7 @@ def mimo_v2_flash_finetune_config(
         tp: Tensor-parallel size.
         pp: Pipeline-parallel size.
         ep: Expert-parallel size.
-        etp: Expert tensor-parallel size (default: ``tp``).
+        etp: Expert tensor-parallel size (default 1, as upstream's large-MoE recipes: experts split by EP only).
         mtp_loss_scale: Weight of the MTP loss (0 leaves the MTP layers untrained).
         save_interval: Checkpoint every N iterations (default: only at the end).
         router_bias_update_rate: Rate of the aux-loss-free expert-bias update (0: bias kept as loaded).
@@ -101,26 +110,36 @@ def mimo_v2_flash_finetune_config(
         lora_dim: LoRA rank.
         lora_alpha: LoRA alpha (the update is scaled by alpha / dim).
         seed: Random seed of the run.
+        backend: "te" (TransformerEngine, the GPU configuration) or "local" (the pure-torch backend: TE-only
+            features off).
+        model: The model provider to use instead of the one stored with ``pretrained_checkpoint`` (e.g. one built
+            from an HF ``config.json`` to review a configuration without weights).
 
     Returns:
         The ``ConfigContainer`` for ``megatron.bridge.training.finetune.finetune``.
     """
     if peft not in ("none", "lora"):
         raise ValueError(f"peft must be 'none' or 'lora', got {peft!r}")
+    if backend not in ("te", "local"):
+        raise ValueError(f"backend must be 'te' or 'local', got {backend!r}")
     output_dir = Path(output_dir)
-    model, _ = load_model_config(str(latest_iteration_dir(pretrained_checkpoint)))
+    if model is None:
+        model, _ = load_model_config(str(latest_iteration_dir(pretrained_checkpoint)))
     model.tensor_model_parallel_size = tp
     model.pipeline_model_parallel_size = pp
     model.expert_model_parallel_size = ep
-    model.expert_tensor_parallel_size = etp if etp is not None else tp
+    model.expert_tensor_parallel_size = etp if etp is not None else 1
     model.virtual_pipeline_model_parallel_size = None
     # Megatron-Core requires sequence parallelism to train MoE layers with tensor parallelism
     model.sequence_parallel = tp > 1
-    # bf16 as upstream recipes (the CPU settings below switch to fp32)
     model.params_dtype = model.pipeline_dtype = torch.bfloat16
     model.bf16, model.fp16 = True, False
     model.seq_length = seq_length
-    model.use_transformer_engine = None  # TE on GPUs with TransformerEngine, the local backend otherwise
+    _gpu_model_settings(model)
+    if backend == "local":
+        model.use_transformer_engine = False
+        for name, value in LOCAL_BACKEND_SETTINGS.items():
+            setattr(model, name, value)
     model.mtp_loss_scaling_factor = mtp_loss_scale
     model.moe_router_dtype = "fp32"
     model.moe_router_bias_update_rate = router_bias_update_rate
@@ -145,7 +164,7 @@ def mimo_v2_flash_finetune_config(
             clip_grad=1.0,
             bf16=True,
             params_dtype=torch.bfloat16,
-            use_distributed_optimizer=False,
+            use_distributed_optimizer=True,
         ),
         scheduler=SchedulerConfig(
             lr_decay_style="cosine",
@@ -154,7 +173,14 @@ def mimo_v2_flash_finetune_config(
             start_weight_decay=0.0,
             end_weight_decay=0.0,
         ),
-        ddp=DistributedDataParallelConfig(check_for_nan_in_grad=True, grad_reduce_in_fp32=True),
+        ddp=DistributedDataParallelConfig(
+            check_for_nan_in_grad=True,
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=True,
+            overlap_grad_reduce=True,
+            overlap_param_gather=True,
+            average_in_collective=True,
+        ),
         dataset=GPTSFTDatasetConfig(
             seq_length=seq_length,
             dataset_root=str(dataset_root),
@@ -182,5 +208,38 @@ def mimo_v2_flash_finetune_config(
         mixed_precision="bf16_mixed",
         peft=mimo_v2_flash_lora(lora_dim, lora_alpha) if peft == "lora" else None,
     )
-    apply_cpu_training_settings(cfg)
     return cfg
+
+
+def _gpu_model_settings(model) -> None:
+    """The model settings of upstream's large-MoE GPU recipes (see the module docstring)."""
+    model.use_transformer_engine = True
+    model.moe_grouped_gemm = True
+    model.moe_token_dispatcher_type = "alltoall"
+    model.moe_permute_fusion = True
+    model.cross_entropy_loss_fusion = True
+    model.cross_entropy_fusion_impl = "te"
+    model.gradient_accumulation_fusion = True
+    model.bias_activation_fusion = True
+    model.bias_dropout_fusion = True
+    model.masked_softmax_fusion = True
+    # The fused RoPE kernel is not verified with MiMo's partial (64 of 192 dims), dual-base rotary tables.
+    model.apply_rope_fusion = False
+    model.use_cpu_initialization = False
+    # Long sequences: recompute attention's and the experts' activation inputs instead of keeping them.
+    model.recompute_granularity = "selective"
+    model.recompute_modules = ["core_attn", "moe_act"]
+
+
+def apply_host_settings(cfg: ConfigContainer) -> bool:
+    """The launcher's one place for what a host without CUDA changes in the recipe's configuration.
+
+    The local backend (TransformerEngine needs CUDA) and the CPU settings of
+    ``cpu_adaptations.apply_cpu_training_settings``. Returns whether anything was changed (only without CUDA).
+    """
+    if not cuda_absent():
+        return False
+    cfg.model.use_transformer_engine = False
+    for name, value in LOCAL_BACKEND_SETTINGS.items():
+        setattr(cfg.model, name, value)
+    return apply_cpu_training_settings(cfg)
