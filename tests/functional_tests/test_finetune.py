@@ -24,6 +24,7 @@ from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import write_fp8_check
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples/models/mimo_v2_flash"
 ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| lm loss: (\S+) \| mtp_1 loss: (\S+) \|")
+GRAD_NORM = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| grad norm: (\S+) \|")
 TRAIN_FLAGS = ["--seq-length", "64", "--global-batch-size", "4", "--lr", "3e-3"]
 
 pytestmark = pytest.mark.slow
@@ -129,16 +130,25 @@ def test_resume_continues_exactly(sft_run, fp8_hf, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference_losses(sft_run, fp8_hf, tmp_path_factory) -> dict[int, tuple[str, str]]:
+def reference_log(sft_run, fp8_hf, tmp_path_factory) -> str:
     """One process, 3 steps from the imported base: what every parallel layout must reproduce."""
     output = tmp_path_factory.mktemp("reference") / "run"
-    log = finetune("--megatron-path", sft_run[0] / "pretrained", "--tokenizer", fp8_hf, "--output", output,
-                   "--train-iters", 3, *TRAIN_FLAGS)  # fmt: skip
-    return losses(log)
+    return finetune("--megatron-path", sft_run[0] / "pretrained", "--tokenizer", fp8_hf, "--output", output,
+                    "--train-iters", 3, *TRAIN_FLAGS)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference_losses(reference_log) -> dict[int, tuple[str, str]]:
+    return losses(reference_log)
+
+
+@pytest.fixture(scope="module")
+def reference_norms(reference_log) -> dict[str, str]:
+    return dict(GRAD_NORM.findall(reference_log))
 
 
 @pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"], ["--ep", "2"]], ids=["tp2", "pp2", "ep2"])
-def test_parallel_training_matches_one_process(sft_run, fp8_hf, reference_losses, tmp_path, layout):
+def test_parallel_training_matches_one_process(sft_run, fp8_hf, reference_losses, reference_norms, tmp_path, layout):
     """``torchrun --no-python --nproc-per-node 2 finetune.sh``: TP 2 (sequence parallel, KV heads replicated on
     the 1-KV-head layers), PP 2 or EP 2 train the same model as one process."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python"]
@@ -150,6 +160,9 @@ def test_parallel_training_matches_one_process(sft_run, fp8_hf, reference_losses
     assert sorted(steps) == sorted(reference_losses) == [1, 2, 3]
     for step, (lm, mtp) in reference_losses.items():
         assert abs(float(steps[step][0]) - float(lm)) < 1e-5 and abs(float(steps[step][1]) - float(mtp)) < 1e-5
+    # The norm used for clipping (clip_grad 1.0 is on: it clips these steps) is the one-process norm.
+    norms = dict(GRAD_NORM.findall(done.stdout + done.stderr))
+    assert norms == reference_norms and all(float(norm) > 1.0 for norm in norms.values()), (norms, reference_norms)
 
 
 def test_router_bias_update_and_config_overrides(sft_run, fp8_hf, tmp_path):

@@ -150,3 +150,20 @@ def test_checkpoints_with_or_without_extra_state_load_and_a_missing_weight_fails
     with pytest.raises(CheckpointException) as error:  # holds each rank's failure
         dist_checkpointing.load(target.sharded_state_dict(), str(tmp_path / "missing"))
     assert f"{dropped} from model not in state dict" in repr(error.value.failures)
+
+
+def test_sinks_are_initialized_and_marked_split_over_tensor_parallel_ranks(tiny_hf_dir, parallel_state):
+    """Clipping's gradient norm counts an unmarked parameter on TP rank 0 only; the sinks are split by head."""
+    from megatron.bridge import AutoBridge
+    from megatron.bridge.models.mimo_v2_flash.inference import build_model, configure_provider
+
+    provider = configure_provider(
+        AutoBridge.from_hf_pretrained(str(tiny_hf_dir)).to_megatron_provider(load_weights=False), torch.float32
+    )
+    torch.manual_seed(0)
+    scratch = build_model(provider)  # from scratch: every parameter from its init method
+    sinks = [(n, p) for n, p in scratch.named_parameters() if n.endswith("softmax_offset")]
+    assert sinks
+    for name, sink in sinks:
+        assert torch.isfinite(sink).all() and sink.std() > 0, name
+        assert sink.tensor_model_parallel and sink.partition_dim == 0 and sink.partition_stride == 1, name

@@ -194,8 +194,6 @@ def apply_cpu_training_settings(cfg) -> bool:
       ``_initialize_distributed`` raises "Cannot initialize parallel groups with no CUDA devices").
     * fp32 parameters, no ``bf16_mixed``: bf16 parameters on the CPU trip the optimizer's type checks
       (``core/optimizer``: the fp32 main-parameter copy expects CUDA tensor types).
-    * ``optimizer.clip_grad = 0``: ``core/optimizer/clip_grads.py`` (``get_grad_norm_fp32``) asserts every
-      gradient is a ``torch.cuda.FloatTensor``.
     * ``checkpoint.load_rng = False``: a checkpoint's CUDA RNG state cannot be restored without CUDA
       (``training/checkpointing.py`` ``load_checkpoint`` calls ``torch.cuda.set_rng_state``).
     * ``dataset.num_workers = 0``, ``pin_memory = False``, ``persistent_workers = False``: pinned host memory
@@ -214,7 +212,6 @@ def apply_cpu_training_settings(cfg) -> bool:
     cfg.mixed_precision = None
     cfg.model.bf16 = cfg.model.fp16 = cfg.optimizer.bf16 = cfg.optimizer.fp16 = False
     cfg.model.params_dtype = cfg.model.pipeline_dtype = cfg.optimizer.params_dtype = torch.float32
-    cfg.optimizer.clip_grad = 0.0
     cfg.checkpoint.load_rng = False
     cfg.dataset.num_workers = 0
     cfg.dataset.pin_memory = False
@@ -259,7 +256,32 @@ def apply_cpu_training_adaptations() -> bool:
         model_parallel_cuda_manual_seed(torch.initial_seed(), inference_rng_tracker=True)
 
     initialize._set_random_seed = set_random_seed_with_cpu_tracker
+
+    from megatron.core.optimizer import optimizer
+
+    # core/optimizer/clip_grads.py clip_grad_by_total_norm_fp32 asserts every gradient is a
+    # torch.cuda.FloatTensor before scaling it; the optimizer's step calls it whenever clip_grad > 0.
+    assert hasattr(optimizer, "clip_grad_by_total_norm_fp32"), (
+        "megatron-core 0.19: optimizer.clip_grad_by_total_norm_fp32"
+    )
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_cpu_grads_by_total_norm
     return True
+
+
+def _clip_cpu_grads_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad: bool = False) -> None:
+    """Upstream's clipping (scale every gradient by ``max_norm / (total_norm + 1e-6)`` when below 1) for CPU
+    gradients; the norm itself is upstream's ``get_grad_norm_fp32`` (its ``device="cuda"`` literals are
+    rewritten by :func:`cuda_literals_on_cpu`)."""
+    attribute = "decoupled_grad" if use_decoupled_grad else "grad"
+    coefficient = max_norm / (total_norm + 1.0e-6)
+    if isinstance(coefficient, torch.Tensor):
+        coefficient = coefficient.clamp_max(1.0)
+    elif coefficient >= 1.0:
+        return
+    for parameter in parameters if isinstance(parameters, list | tuple) else [parameters]:
+        grad = getattr(parameter, attribute, None)
+        if grad is not None:
+            grad.detach().mul_(coefficient)
 
 
 def _no_fusions_to_warm_up(model_config, micro_batch_size: int) -> None:

@@ -17,6 +17,7 @@ import copy
 
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import all_gather_last_dim_from_tensor_parallel_region
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
@@ -169,6 +170,7 @@ class MiMoV2FlashCoreAttention(MegatronModule):
             )
             if config.perform_initialization:
                 config.init_method(self.softmax_offset)
+            mark_heads_sharded(self.softmax_offset)
         else:
             self.softmax_offset = None
 
@@ -218,6 +220,15 @@ class MiMoV2FlashCoreAttention(MegatronModule):
             tp_group=self.tp_group,
             dp_cp_group=metadata["dp_cp_group"] if metadata else None,
         )
+
+
+def mark_heads_sharded(sink: torch.nn.Parameter) -> None:
+    """Mark per-head sink logits as split over tensor-parallel ranks (dim 0).
+
+    Megatron-Core counts a parameter without this mark once, on TP rank 0, when it computes the gradient norm for
+    clipping (``param_is_not_tensor_parallel_duplicate``): the sinks of the other ranks' heads would be left out.
+    """
+    set_tensor_model_parallel_attributes(sink, is_parallel=True, dim=0, stride=1)
 
 
 def _init_device(config) -> torch.device | str | None:

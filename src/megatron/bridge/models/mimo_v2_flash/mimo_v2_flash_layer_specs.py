@@ -27,6 +27,7 @@ from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_attention import (
     MiMoV2FlashSelfAttention,
     has_attention_sink,
     layer_attention_kind,
+    mark_heads_sharded,
 )
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import SLIDING_ATTENTION
 
@@ -78,6 +79,13 @@ def te_core_attention_class():
             kwargs.setdefault("k_channels", config.kv_channels)
             kwargs.setdefault("v_channels", config.v_head_dim)
             super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
+            sink = getattr(self, "softmax_offset", None)
+            if isinstance(sink, torch.nn.Parameter):
+                # TransformerEngine 2.8-2.10 creates the learnable offset with torch.empty and leaves it so.
+                if config.perform_initialization:
+                    with torch.no_grad():
+                        config.init_method(sink)
+                mark_heads_sharded(sink)
 
     return MiMoV2FlashTECoreAttention
 
