@@ -125,3 +125,13 @@ def missing_serving_fields(config: dict) -> list[str]:
     fields = SERVING_REQUIRED_CONFIG_FIELDS + SERVING_DEFAULTED_CONFIG_FIELDS
     missing = [name for name in fields if config.get(name) is None]
     return missing + ([] if "pad_token_id" in config else ["pad_token_id"])
+
+
+def skip_unless_ranks_fit(nproc: int) -> None:
+    """torchrun tests run one process per GPU on a CUDA host (NCCL), or on the CPU with gloo where there is no CUDA."""
+    import pytest
+
+    if torch.cuda.is_available() and torch.cuda.device_count() < nproc:
+        pytest.skip(
+            f"needs {nproc} GPUs on a CUDA host ({torch.cuda.device_count()} here); CPU hosts run it with gloo"
+        )

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mimo_testing import example_main, hf_state_dict
+from mimo_testing import example_main, hf_state_dict, skip_unless_ranks_fit
 from safetensors.torch import load_file
 
 from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import write_fp8_checkpoint, write_tiny_checkpoint
@@ -151,6 +151,7 @@ def reference_norms(reference_log) -> dict[str, str]:
 def test_parallel_training_matches_one_process(sft_run, fp8_hf, reference_losses, reference_norms, tmp_path, layout):
     """``torchrun --no-python --nproc-per-node 2 finetune.sh``: TP 2 (sequence parallel, KV heads replicated on
     the 1-KV-head layers), PP 2 or EP 2 train the same model as one process."""
+    skip_unless_ranks_fit(2)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python"]
     command += ["bash", str(EXAMPLES / "finetune.sh"), "--megatron-path", str(sft_run[0] / "pretrained")]
     command += ["--tokenizer", str(fp8_hf), "--output", str(tmp_path / "run"), "--train-iters", "3", *TRAIN_FLAGS]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mimo_testing import hf_state_dict
+from mimo_testing import hf_state_dict, skip_unless_ranks_fit
 from safetensors.torch import load_file
 
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError, parse_architecture
@@ -22,6 +22,7 @@ TOLERANCE = 1e-5
 
 
 def _run(nproc: int, script: str, *args) -> subprocess.CompletedProcess:
+    skip_unless_ranks_fit(nproc)
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
         if nproc > 1

@@ -4,8 +4,9 @@
     python plan_parallelism.py --tp 8 --pp 4 --ep 8 --gpus 32 [--gpu-memory-gb 80] [--hf-model DIR]
     python plan_parallelism.py --recommend 8 16 32 64      # best layouts for those H100 80 GB counts
 
-Without --hf-model the released model's architecture is used (3 MTP layers). Activations are not counted: a
-layout "fits" when parameters + gradients + optimizer state leave --activation-headroom-gb free per GPU.
+Without --hf-model the released model's architecture is used (3 MTP layers). A layout "fits" when parameters +
+gradients + optimizer state leave --activation-headroom-gb free per GPU; --recommend also prints the estimated
+activations at 4k and 32k tokens (micro-batch 1, sequence parallel, selective recompute, as the recipe runs).
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ def _evaluate(arch, mtp, tp, pp, ep, etp, gpus, args):
     from megatron.bridge.models.mimo_v2_flash.parallel_plan import GIB, plan_rank_memory
 
     dp = gpus // (tp * pp)
+    expert_dp = max(gpus // (ep * etp * pp), 1)
     mem = plan_rank_memory(arch, tp, pp, ep, etp, mtp, args.lora_rank)
     budget = args.gpu_memory_gb - args.activation_headroom_gb
-    full = mem.full_finetune_bytes(dp, args.distributed_optimizer) / GIB
+    full = mem.full_finetune_bytes(dp, args.distributed_optimizer, expert_dp) / GIB
     lora = mem.lora_bytes() / GIB
     return dp, mem, full, lora, full <= budget, lora <= budget
 
@@ -60,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         "--activation-headroom-gb", type=float, default=12.0, help="GiB kept for activations (default 12)"
     )
     parser.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16)")
-    parser.add_argument("--distributed-optimizer", action="store_true", help="shard optimizer state over DP")
+    parser.add_argument(
+        "--distributed-optimizer",
+        action="store_true",
+        help="shard optimizer state over DP (always on with --recommend: the recipe uses it)",
+    )
     parser.add_argument("--recommend", type=int, nargs="+", metavar="GPUS", help="search layouts for these GPU counts")
     args = parser.parse_args(argv)
     quiet_framework_logs()
@@ -101,8 +107,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _recommend(arch, mtp, args, check) -> int:
-    """For each GPU count: the valid layout with the least full-FT memory per rank, and the same for LoRA."""
+    """For each GPU count: the valid layout with the least full-FT memory per rank (distributed optimizer, as the
+    recipe), with its weights / gradients / optimizer state / activations; and the same for LoRA."""
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
+    from megatron.bridge.models.mimo_v2_flash.parallel_plan import GIB, activation_bytes, plan_rank_memory
+
+    args.distributed_optimizer = True
 
     powers = [1, 2, 4, 8, 16, 32, 64]
     for gpus in args.recommend:
@@ -116,15 +126,22 @@ def _recommend(arch, mtp, args, check) -> int:
                 continue
             dp, mem, full, lora, _, _ = _evaluate(arch, mtp, tp, pp, ep, etp, gpus, args)
             for mode, value in (("full", full), ("lora", lora)):
-                key = (value, tp * pp)  # least memory, then least model parallelism
+                key = (value, tp * pp, etp)  # least memory, then least model parallelism, then ETP 1 (the recipe's)
                 if mode not in best or key < best[mode][0]:
                     best[mode] = (key, (tp, pp, ep, etp, dp))
         for mode in ("full", "lora"):
-            (value, _), (tp, pp, ep, etp, dp) = best[mode]
-            fits = value <= args.gpu_memory_gb - args.activation_headroom_gb
+            (value, *_), (tp, pp, ep, etp, dp) = best[mode]
+            acts = [activation_bytes(arch, tp, pp, seq, mtp) / GIB for seq in (4096, 32768)]
+            fits = value + acts[0] <= args.gpu_memory_gb
+            detail = ""
+            if mode == "full":
+                mem = plan_rank_memory(arch, tp, pp, ep, etp, mtp, args.lora_rank)
+                parts = mem.full_finetune_parts(dp, True, max(gpus // (ep * etp * pp), 1))
+                detail = "weights {:.1f} + grads {:.1f} + optimizer {:.1f}; ".format(*(p / GIB for p in parts))
             print(
                 f"{gpus:3d} GPUs, {mode:4s}: TP {tp} PP {pp} EP {ep} ETP {etp} (DP {dp}) -> {value:6.1f} GiB/rank "
-                f"({'fits' if fits else 'does not fit'} {args.gpu_memory_gb:.0f} GiB)"
+                f"({detail}activations 4k {acts[0]:.1f}, 32k {acts[1]:.1f}; "
+                f"{'fits' if fits else 'does not fit'} {args.gpu_memory_gb:.0f} GiB at 4k)"
             )
     return 0
 

@@ -37,3 +37,26 @@ def test_sharding_divides_what_it_should():
     assert abs(sharded.expert_params - one.expert_params / 8) < 1
     assert sharded.dense_params < one.dense_params / 7  # router stays replicated
     assert sharded.lora_bytes() < sharded.full_finetune_bytes(dp=1, distributed_optimizer=False) / 5
+
+
+def test_distributed_optimizer_shards_dense_state_over_dp_and_expert_state_over_expert_dp():
+    from megatron.bridge.models.mimo_v2_flash.parallel_plan import RankMemory
+
+    mem = RankMemory(dense_params=10, expert_params=100, lora_params=0)
+    assert mem.full_finetune_parts(dp=2, distributed_optimizer=True, expert_dp=4) == (
+        220,
+        440,
+        12 * (10 / 2 + 100 / 4),
+    )
+    assert mem.full_finetune_parts(dp=2, distributed_optimizer=False) == (220, 440, 1320)
+
+
+def test_activations_grow_with_the_tokens_each_rank_holds():
+    from megatron.bridge.models.mimo_v2_flash.parallel_plan import activation_bytes
+
+    arch = parse_architecture(released_config())
+    at_4k = activation_bytes(arch, tp=8, pp=1, seq_length=4096, mtp_layers=3)
+    assert activation_bytes(arch, tp=8, pp=1, seq_length=32768, mtp_layers=3) == 8 * at_4k
+    assert activation_bytes(arch, tp=4, pp=1, seq_length=4096, mtp_layers=3) == 2 * at_4k
+    # 48 layers of 34 s h / t bytes at least (the dense share of Korthikanti et al.'s estimate)
+    assert at_4k > 48 * 34 * 4096 / 8 * 4096

@@ -70,7 +70,9 @@ def test_the_recipe_is_the_gpu_configuration_on_every_host(pretrained, tiny_hf_d
 
 
 def test_host_settings_change_it_only_without_cuda(pretrained, tiny_hf_dir, tmp_path, monkeypatch):
-    assert cpu_adaptations.cuda_absent()
+    recipe = "megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe.cuda_absent"
+    monkeypatch.setattr(recipe, lambda: True)  # a host without CUDA, whatever this one is
+    monkeypatch.setattr(cpu_adaptations, "cuda_absent", lambda: True)
     cfg = config(pretrained, tiny_hf_dir, tmp_path)
     assert apply_host_settings(cfg) is True
     assert cfg.model.use_transformer_engine is False and not cfg.model.moe_grouped_gemm
@@ -81,7 +83,7 @@ def test_host_settings_change_it_only_without_cuda(pretrained, tiny_hf_dir, tmp_
     assert not cfg.ddp.use_distributed_optimizer and not cfg.optimizer.use_distributed_optimizer
     assert cfg.dataset.num_workers == 0 and not cfg.dataset.pin_memory
     gpu = config(pretrained, tiny_hf_dir, tmp_path)
-    monkeypatch.setattr("megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe.cuda_absent", lambda: False)
+    monkeypatch.setattr(recipe, lambda: False)
     before = repr(gpu.to_dict())
     assert apply_host_settings(gpu) is False and repr(gpu.to_dict()) == before
 

@@ -181,6 +181,9 @@ CPU_MODEL_SETTINGS = {
     "masked_softmax_fusion": False,
     # core/tensor_parallel/layers.py allocates parameters on torch.cuda.current_device() otherwise.
     "use_cpu_initialization": True,
+    # core/tensor_parallel/random.py CheckpointFunction (activation recompute) saves and restores the CUDA RNG
+    # state through torch.cuda.random ("Found no NVIDIA driver").
+    "recompute_granularity": None,
 }
 """Model settings a host without CUDA needs (configuration, not patches; see ``backend_settings``)."""
 

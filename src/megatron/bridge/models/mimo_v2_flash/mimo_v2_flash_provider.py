@@ -63,6 +63,8 @@ LOCAL_BACKEND_SETTINGS = {
     "cross_entropy_loss_fusion": False,
     "moe_permute_fusion": False,
     "persist_layer_norm": False,
+    # Megatron-Core recomputes the MoE activation ("moe_act") only with grouped GEMM.
+    "recompute_modules": ["core_attn"],
 }
 
 

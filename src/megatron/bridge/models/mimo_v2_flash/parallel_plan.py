@@ -3,7 +3,8 @@
 Counts come from the architecture (every tensor of the hub layout, MTP included) and Megatron's sharding:
 attention, dense MLPs, embeddings and the output layer are split by TP (KV-head replication gathers at run time,
 so the stored fused QKV is still split by TP); experts by EP x ETP; the router is replicated; layers are split by
-PP with the embedding on the first stage and the output layer and MTP on the last. Activations are not included.
+PP with the embedding on the first stage and the output layer and MTP on the last. Activations are estimated
+separately (:func:`activation_bytes`).
 """
 
 from __future__ import annotations
@@ -27,12 +28,22 @@ class RankMemory:
     expert_params: float
     lora_params: float
 
-    def full_finetune_bytes(self, dp: int, distributed_optimizer: bool) -> float:
+    def full_finetune_bytes(self, dp: int, distributed_optimizer: bool, expert_dp: int | None = None) -> float:
+        return sum(self.full_finetune_parts(dp, distributed_optimizer, expert_dp))
+
+    def full_finetune_parts(
+        self, dp: int, distributed_optimizer: bool, expert_dp: int | None = None
+    ) -> tuple[float, float, float]:
+        """(bf16 weights, fp32 gradients, optimizer state: fp32 master + Adam moments) in bytes.
+
+        The distributed optimizer shards the optimizer state of non-expert parameters over data parallel and that
+        of experts over expert data parallel (``expert_dp``, default ``dp``).
+        """
         params = self.dense_params + self.expert_params
         if not distributed_optimizer:
-            return params * FULL_FT_BYTES
-        # bf16 weights + fp32 grads stay local; master weights and Adam moments are sharded over data parallel.
-        return params * (6 + 12 / max(dp, 1))
+            return params * 2, params * 4, params * 12
+        expert_dp = dp if expert_dp is None else expert_dp
+        return params * 2, params * 4, 12 * (self.dense_params / max(dp, 1) + self.expert_params / max(expert_dp, 1))
 
     def lora_bytes(self) -> float:
         return (self.dense_params + self.expert_params) * FROZEN_BYTES + self.lora_params * FULL_FT_BYTES
@@ -87,6 +98,30 @@ def plan_rank_memory(
                 dense += arch.vocab_size * h / tp  # MTP needs the embedding on the last stage too
         totals.append(RankMemory(dense, experts, lora))
     return max(totals, key=lambda m: m.full_finetune_bytes(1, False))
+
+
+def activation_bytes(
+    arch: MiMoV2FlashArchitecture, tp: int, pp: int, seq_length: int, mtp_layers: int, micro_batch: int = 1
+) -> float:
+    """Estimated activation memory of the busiest rank (the first pipeline stage) for bf16 training.
+
+    Per transformer layer ``34 * s * b * h / t`` bytes: sequence parallelism with selective recompute of core
+    attention (Korthikanti et al., 2022, no ``s^2`` term; the fused attention keeps no score matrix). An MoE
+    layer adds its dispatched tokens, ``k`` copies of this rank's ``s * b / t`` tokens, each keeping ``2h``
+    (dispatched input, combined output) and ``2f`` (gate and up outputs; their product is recomputed) bf16
+    values. The first stage of a 1F1B pipeline holds ``pp`` micro-batches in flight; the last adds the fp32 logits
+    ``s * b * V / t`` (and one set per MTP layer).
+    """
+    tokens = seq_length * micro_batch / tp
+    h = arch.hidden_size
+    per_stage = arch.num_layers // pp
+    layers = sum(
+        34 * tokens * h + (2 * arch.moe_topk * tokens * (2 * h + 2 * arch.moe_ffn_hidden_size) if moe else 0)
+        for moe in arch.moe_layers[:per_stage]
+    )
+    first_stage = layers * pp
+    last_stage = layers + (34 * tokens * h) * mtp_layers + 4 * tokens * arch.vocab_size * (1 + mtp_layers)
+    return max(first_stage, last_stage) if pp > 1 else last_stage
 
 
 def total_parameters(arch: MiMoV2FlashArchitecture, mtp_layers: int) -> tuple[float, float]:
