@@ -19,7 +19,11 @@ import torch
 from mimo_testing import example_main, hf_state_dict, skip_unless_ranks_fit
 from safetensors.torch import load_file
 
-from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import write_fp8_checkpoint, write_tiny_checkpoint
+from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import (
+    write_fp8_checkpoint,
+    write_tiny_checkpoint,
+    write_tokenizer,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples/models/mimo_v2_flash"
@@ -307,3 +311,33 @@ def test_lora_adapter_loads_in_peft(lora_exports):
     for name in wrapped:
         key = name.removeprefix("base_model.model.") + ".weight"
         torch.testing.assert_close(peft_merged[key], ours[key], rtol=0, atol=1e-6)
+
+
+def test_print_config_shows_the_gpu_configuration_from_a_config_only_directory(tmp_path):
+    """``--backend te --print-config``: the GPU configuration, on any host, without weights or training."""
+    import yaml
+
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import released_config, with_native_fields
+
+    model_dir = tmp_path / "MiMo-V2-Flash"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(with_native_fields(released_config())))
+    write_tokenizer(model_dir, 384)
+    output = tmp_path / "run"
+    args = ["--hf-model", model_dir, "--tp", "8", "--ep", "8", "--output", output, "--print-config"]
+
+    def printed(*flags) -> dict:
+        done = run_finetune(*args, *flags)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return yaml.safe_load(done.stdout)
+
+    gpu = printed("--backend", "te")
+    model, ddp = gpu["model"], gpu["ddp"]
+    assert model["use_transformer_engine"] is True and model["moe_grouped_gemm"] is True
+    assert model["moe_token_dispatcher_type"] == "alltoall" and model["expert_tensor_parallel_size"] == 1
+    assert model["sequence_parallel"] is True and model["bf16"] is True and model["recompute_granularity"]
+    assert model["num_layers"] == 48 and model["num_moe_experts"] == 256
+    assert ddp["use_distributed_optimizer"] is True and gpu["optimizer"]["use_distributed_optimizer"] is True
+    assert not output.exists()  # nothing imported, nothing written
+    here = printed("--backend", "local")
+    assert here["model"]["use_transformer_engine"] is False and here["model"]["moe_grouped_gemm"] is False
