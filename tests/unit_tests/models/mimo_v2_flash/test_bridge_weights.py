@@ -141,3 +141,21 @@ def test_megatron_to_hf_config_round_trips_the_architecture(tiny_hf_dir):
         if getattr(original, field) != getattr(exported, field)
     }
     assert set(differing) <= {"torch_dtype"}, differing
+
+
+def test_fp8_weights_given_in_memory_are_refused_not_passed_through():
+    """From a checkpoint directory FP8 weights are dequantized exactly; from memory their scale layout is unknown."""
+    from megatron.bridge.models.mimo_v2_flash import MiMoV2FlashBridge
+    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
+
+    bridge = MiMoV2FlashBridge()
+    state = {
+        "a.weight": torch.ones(2, 2).to(torch.float8_e4m3fn),
+        "a.weight_scale_inv": torch.ones(1, 1),
+        "b.weight": torch.ones(2, 2, dtype=torch.bfloat16),
+    }
+    with pytest.raises(CheckpointError, match=r"^a\.weight: FP8 weight given in memory"):
+        bridge.maybe_modify_loaded_hf_weight("a.weight", state)
+    with pytest.raises(CheckpointError, match=r"^a\.weight: FP8"):
+        bridge.maybe_modify_loaded_hf_weight({"gate": "b.weight", "up": "a.weight"}, state)
+    assert torch.equal(bridge.maybe_modify_loaded_hf_weight("b.weight", state), state["b.weight"])

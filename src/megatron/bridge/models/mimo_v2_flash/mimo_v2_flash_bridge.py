@@ -13,7 +13,7 @@ from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRe
 from megatron.bridge.models.conversion.model_bridge import MegatronModelBridge
 from megatron.core.models.gpt.gpt_model import GPTModel
 
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import HFCheckpoint
+from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
     SLIDING_ATTENTION,
     MiMoV2FlashArchitecture,
@@ -171,7 +171,19 @@ class MiMoV2FlashBridge(MegatronModelBridge):
         """
         reader = self._checkpoint_reader(hf_state_dict)
         if reader is None:
-            return super().maybe_modify_loaded_hf_weight(hf_param, hf_state_dict)
+            weights = super().maybe_modify_loaded_hf_weight(hf_param, hf_state_dict)
+            for name, tensor in zip(
+                [hf_param] if isinstance(hf_param, str) else hf_param.values(),
+                [weights] if isinstance(hf_param, str) else weights.values(),
+                strict=True,
+            ):
+                if tensor.dtype == FP8_DTYPE:
+                    # Its exact dequantization needs the checkpoint's scale layout, decided from the files.
+                    raise CheckpointError(
+                        f"{name}: FP8 weight given in memory; load the checkpoint from its directory so it is "
+                        "dequantized exactly"
+                    )
+            return weights
         if isinstance(hf_param, str):
             return reader.get(hf_param, self._dtype_for(reader, hf_param))
         names = list(hf_param.values())
