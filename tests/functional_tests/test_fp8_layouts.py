@@ -129,3 +129,22 @@ def test_a_forced_layout_the_data_contradicts_fails_cleanly(base, tmp_path, caps
     )
     assert not megatron.exists() and not list(tmp_path.glob(".*megatron*"))
     assert convert([*args, "--fp8-kv-layout", "fused_kv_split"]) == 0
+
+
+def test_neuron_export_prepare_decides_the_same_way(base, tmp_path, capsys):
+    from neuron_export.cli import main as neuron_export
+
+    fp8_dir = tmp_path / "fp8"
+    expected = write_released_format(base, fp8_dir, "mixed")
+    out = tmp_path / "prepared"
+    assert neuron_export(["prepare", "--hf-path", str(fp8_dir), "--output", str(out)]) == 0
+    assert "FP8 scale layouts:" in capsys.readouterr().out
+    prepared = hf_state_dict(out)
+    kv = [n for n in expected if ("self_attn.k_proj" in n or "self_attn.v_proj" in n) and ".mtp." not in n]
+    assert kv  # MTP layers are left out of the prepared checkpoint unless --keep-mtp
+    for name in kv:
+        assert torch.equal(prepared[name], expected[name]), name
+    wrong = tmp_path / "wrong"
+    code = neuron_export(["prepare", "--hf-path", str(fp8_dir), "--output", str(wrong), "--fp8-kv-layout", "fused_kv"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and "fused_kv" in error[0] and not wrong.exists()
