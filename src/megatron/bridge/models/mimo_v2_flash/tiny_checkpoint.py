@@ -65,6 +65,14 @@ def tiny_config(**overrides: Any) -> dict[str, Any]:
         torch_dtype="float32",
     )
     cfg.update(overrides)
+    # The SWA attention fields follow the (possibly overridden) full-attention ones unless given themselves.
+    for swa, full in (
+        ("swa_num_attention_heads", "num_attention_heads"),
+        ("swa_head_dim", "head_dim"),
+        ("swa_v_head_dim", "v_head_dim"),
+    ):
+        if swa not in overrides:
+            cfg[swa] = cfg[full]
     return cfg
 
 
