@@ -63,6 +63,7 @@ def test_the_recipe_is_the_gpu_configuration_on_every_host(pretrained, tiny_hf_d
     assert model.recompute_granularity == "selective" and "core_attn" in model.recompute_modules
     assert cfg.ddp.use_distributed_optimizer and cfg.optimizer.use_distributed_optimizer
     assert cfg.ddp.overlap_grad_reduce and cfg.ddp.overlap_param_gather and cfg.optimizer.clip_grad == 1.0
+    assert cfg.ddp.average_in_collective
     assert cfg.mixed_precision == "bf16_mixed" and cfg.dist.distributed_backend == "nccl"
     monkeypatch.setattr(cpu_adaptations, "cuda_absent", lambda: False)
     on_a_gpu_host = config(pretrained, tiny_hf_dir, tmp_path, tp=2, ep=2)
@@ -81,6 +82,7 @@ def test_host_settings_change_it_only_without_cuda(pretrained, tiny_hf_dir, tmp_
     assert cfg.model.params_dtype == torch.float32 and not cfg.model.bf16
     assert cfg.optimizer.clip_grad == 1.0 and cfg.checkpoint.load_rng is False  # clipping works on the CPU too
     assert not cfg.ddp.use_distributed_optimizer and not cfg.optimizer.use_distributed_optimizer
+    assert not cfg.ddp.average_in_collective
     assert cfg.dataset.num_workers == 0 and not cfg.dataset.pin_memory
     gpu = config(pretrained, tiny_hf_dir, tmp_path)
     monkeypatch.setattr(recipe, lambda: False)

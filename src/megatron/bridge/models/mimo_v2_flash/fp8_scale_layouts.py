@@ -18,6 +18,7 @@ layout, so a candidate is kept only if every block it defines holds one (an all-
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,10 +39,14 @@ def parse_kv_layout(value: str) -> str:
     raise ValueError(f"unknown FP8 K/V layout {value!r}: expected one of {', '.join(KV_LAYOUT_CHOICES)}")
 
 
+# Row maps are shared, never modified: the release has ~37k expert weights of two shapes, and a map per weight
+# would hold ~0.8 GB.
+@functools.cache
 def grid_rows(rows: int, bm: int) -> torch.Tensor:
     return torch.arange(rows) // bm
 
 
+@functools.cache
 def per_rank_rows(rows: int, ranks: int, bm: int) -> torch.Tensor:
     """Scale row of each weight row when ``ranks`` equal slices were each quantized on their own grid."""
     per_slice = rows // ranks
