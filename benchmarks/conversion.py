@@ -39,7 +39,7 @@ GIB = 1024**3
 
 
 def bench_config(experts: int, vocab: int) -> dict:
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import released_config
+    from mimo_v2_flash.config import released_config
 
     cfg = released_config()
     cfg.update(
@@ -67,9 +67,9 @@ def random_fp8(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
 
 def write_checkpoint(directory: Path, cfg: dict, shard_bytes: int = 512 * 1024**2) -> None:
     """Write the synthetic checkpoint shard by shard (never more than one shard in memory)."""
-    from megatron.bridge.models.mimo_v2_flash.checkpoint_validation import expected_tensors
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import parse_architecture
-    from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import is_fp8_quantized_in_release
+    from mimo_v2_flash.checkpoint.validation import expected_tensors
+    from mimo_v2_flash.config import parse_architecture
+    from mimo_v2_flash.tiny_checkpoint import is_fp8_quantized_in_release
 
     arch = parse_architecture(cfg)
     gen = torch.Generator().manual_seed(0)
@@ -195,7 +195,7 @@ def main() -> int:
             [py, str(CONVERT), "import", "--hf-model", str(work / "export"), "--megatron-path", str(work / "mcore")]
         )
         shutil.rmtree(work / "mcore")
-        _, base_rss, _ = measured([py, "-c", "import megatron.bridge.models.mimo_v2_flash.conversion"])
+        _, base_rss, _ = measured([py, "-c", "import mimo_v2_flash.conversion.commands"])
         goal = (2 * largest + GIB) / GIB
         imp_converting = reported_seconds(imp_out)
         print(f"baseline: importing the framework alone peaks at {base_rss:.2f} GiB RSS")

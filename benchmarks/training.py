@@ -87,7 +87,7 @@ def main() -> None:
         print(json.dumps(times))
         return
 
-    from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import write_tiny_checkpoint
+    from mimo_v2_flash.tiny_checkpoint import write_tiny_checkpoint
 
     threads = str(os.cpu_count() or 1)
     os.environ.setdefault("OMP_NUM_THREADS", threads)

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from mimo_v2_flash.checkpoint import output_dirs
 from neuron_export import bundle
 from neuron_export.errors import ExportError
 from neuron_export.inspection import PREPARED, inspect_checkpoint
@@ -23,7 +24,6 @@ from neuron_export.manifest import verify_manifest
 from neuron_export.neuron_sdk import ADAPTER_ENV, ADAPTER_MODULE, adapter_dir, detect_sdk, run_backend
 from neuron_export.plan import plan
 from neuron_export.prepare import refuse_overlap
-from neuron_export.project import module
 
 
 @dataclass
@@ -64,8 +64,7 @@ def compile_prepared(
     checked = plan(prepared, layout)
     if checked.problems:
         raise ExportError("layout infeasible: " + "; ".join(checked.problems))
-    dirs = module("output_dirs")
-    dirs.check_output_dir(compiled_path, overwrite)
+    output_dirs.check_output_dir(compiled_path, overwrite)
     adapter_src = adapter_dir(adapter_src)
     sdk = detect_sdk(neuron_python, adapter_src)
     if sdk.available and not (adapter_src and (Path(adapter_src) / ADAPTER_MODULE).is_file()):
@@ -73,7 +72,7 @@ def compile_prepared(
             f"Neuron SDK found but no MiMo adapter: pass --adapter-src (or set {ADAPTER_ENV}) to NxDI's "
             f"contrib/models/MiMo-V2-Flash/src holding {ADAPTER_MODULE}"
         )
-    staging = dirs.staging_dir(compiled_path)
+    staging = output_dirs.staging_dir(compiled_path)
     staging.mkdir()
     try:
         bundle.write_bundle(staging, prepared, layout, adapter_src, prompt, max_new_tokens)
@@ -101,7 +100,7 @@ def compile_prepared(
                     f"NxDI compile / smoke generation failed with exit code {code} (its log is above); "
                     f"nothing was written to {compiled_path}"
                 )
-        dirs.replace_directory(staging, compiled_path)
+        output_dirs.replace_directory(staging, compiled_path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -11,8 +11,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mimo_v2_flash import config as mimo_config
+from mimo_v2_flash.checkpoint import fp8 as fp8_checkpoint
+from mimo_v2_flash.checkpoint import hf_checkpoint, validation
 from neuron_export import nxdi_contract
-from neuron_export.project import module
 
 MTP_LAYER = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
 HUB, PREPARED = "hub", "nxdi-prepared"
@@ -67,12 +69,11 @@ def mtp_layer_count(names: list[str]) -> tuple[int, str | None]:
 
 def inspect_checkpoint(directory: str | Path) -> Inspection:
     """Inspect ``directory``; never raises for checkpoint problems (they end up in ``problems``)."""
-    hf = module("hf_checkpoint")
     report = Inspection(path=str(directory))
     try:
-        ckpt = hf.HFCheckpoint(directory)
+        ckpt = hf_checkpoint.HFCheckpoint(directory)
         config = ckpt.config
-    except hf.CheckpointError as error:
+    except hf_checkpoint.CheckpointError as error:
         report.problems.append(str(error))
         return report
     names = ckpt.keys()
@@ -91,10 +92,9 @@ def inspect_checkpoint(directory: str | Path) -> Inspection:
 
 
 def _architecture(ckpt, config: dict, report: Inspection):
-    cfg_module = module("mimo_v2_flash_config")
     try:
-        arch = cfg_module.parse_architecture(config)
-    except cfg_module.MiMoV2FlashConfigError as error:
+        arch = mimo_config.parse_architecture(config)
+    except mimo_config.MiMoV2FlashConfigError as error:
         report.problems.append(f"{ckpt.directory / 'config.json'}: {error}")
         return None
     report.arch, report.num_layers = arch, arch.num_layers
@@ -102,7 +102,7 @@ def _architecture(ckpt, config: dict, report: Inspection):
     report.layers = [
         {
             "index": i,
-            "attention": "full" if kind == cfg_module.FULL_ATTENTION else "sliding",
+            "attention": "full" if kind == mimo_config.FULL_ATTENTION else "sliding",
             "mlp": "moe" if moe else "dense",
         }
         for i, (kind, moe) in enumerate(zip(arch.layer_types, arch.moe_layers, strict=True))
@@ -112,10 +112,9 @@ def _architecture(ckpt, config: dict, report: Inspection):
 
 
 def _check_tensors(ckpt, config: dict, report: Inspection) -> None:
-    fp8 = module("mimo_v2_flash_fp8")
     arch = _architecture(ckpt, config, report)
-    scales = [n for n in ckpt.keys() if n.endswith(fp8.SCALE_SUFFIX)]
-    weights = [n for n in ckpt.keys() if not n.endswith(fp8.SCALE_SUFFIX)]
+    scales = [n for n in ckpt.keys() if n.endswith(fp8_checkpoint.SCALE_SUFFIX)]
+    weights = [n for n in ckpt.keys() if not n.endswith(fp8_checkpoint.SCALE_SUFFIX)]
     prepared = any(nxdi_contract.hub_name(n) != n for n in weights)
     report.layout = PREPARED if prepared else HUB
     report.mtp_layers, numbering = mtp_layer_count(weights)
@@ -130,10 +129,10 @@ def _check_tensors(ckpt, config: dict, report: Inspection) -> None:
             )
         mtp_index = ckpt.directory / nxdi_contract.MTP_DIR / "model.safetensors.index.json"
         if mtp_index.is_file():
-            report.mtp_layers = mtp_layer_count(list(module("hf_checkpoint").HFCheckpoint(mtp_index.parent).keys()))[0]
+            report.mtp_layers = mtp_layer_count(list(hf_checkpoint.HFCheckpoint(mtp_index.parent).keys()))[0]
     if arch is None:
         return
-    expected = module("checkpoint_validation").expected_tensors(arch, 0 if prepared else report.mtp_layers)
+    expected = validation.expected_tensors(arch, 0 if prepared else report.mtp_layers)
     stored_names = set()
     for name, shape in expected.items():
         stored = nxdi_contract.prepared_name(name) if prepared else name
@@ -159,19 +158,18 @@ def _check_tensors(ckpt, config: dict, report: Inspection) -> None:
 
 
 def _check_fp8_pairs(ckpt, config: dict, weights: set[str], scales: list[str], report: Inspection) -> None:
-    fp8 = module("mimo_v2_flash_fp8")
     block = (config.get("quantization_config") or {}).get("weight_block_size")
     for scale in scales:
-        if scale[: -len(fp8.SCALE_SUFFIX)] not in weights:
+        if scale[: -len(fp8_checkpoint.SCALE_SUFFIX)] not in weights:
             report.problems.append(f"{ckpt.file_of(scale)}: scale {scale} has no weight")
     for name in sorted(weights):
-        if ckpt.dtype(name) != fp8.FP8_DTYPE:
+        if ckpt.dtype(name) != fp8_checkpoint.FP8_DTYPE:
             continue
-        if name + fp8.SCALE_SUFFIX not in ckpt:
-            report.problems.append(f"{ckpt.file_of(name)}: FP8 weight {name} has no {fp8.SCALE_SUFFIX}")
+        if name + fp8_checkpoint.SCALE_SUFFIX not in ckpt:
+            report.problems.append(f"{ckpt.file_of(name)}: FP8 weight {name} has no {fp8_checkpoint.SCALE_SUFFIX}")
         if len(ckpt.shape(name)) != 2:
             report.problems.append(f"{ckpt.file_of(name)}: FP8 weight {name} is not 2-D")
-    if any(ckpt.dtype(n) == fp8.FP8_DTYPE for n in weights) and not block:
+    if any(ckpt.dtype(n) == fp8_checkpoint.FP8_DTYPE for n in weights) and not block:
         report.problems.append(
             f"{ckpt.directory / 'config.json'}: FP8 weights but no quantization_config.weight_block_size"
         )

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from mimo_v2_flash.checkpoint import validation
 from neuron_export.layout import INSTANCES, Layout, cache_heads_per_rank
-from neuron_export.project import module
 
 BF16 = 2
 
@@ -67,7 +67,7 @@ def _placement(name: str, shape: tuple[int, ...], arch, layout: Layout) -> tuple
 
 def plan_memory(arch, layout: Layout, max_shard_bytes: int = 5 * 10**9) -> MemoryPlan:
     """Byte counts for ``arch`` under ``layout`` (the layout is assumed valid: see ``layout_problems``)."""
-    shapes = module("checkpoint_validation").expected_tensors(arch, 0)
+    shapes = validation.expected_tensors(arch, 0)
     total = sum(math.prod(s) for s in shapes.values())
     parts: dict[str, float] = {}
     for name, shape in shapes.items():

@@ -130,10 +130,11 @@ def nxdi_config(original: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from neuron_export.project import module
+    from mimo_v2_flash import config as mimo_config
+    from mimo_v2_flash.checkpoint import hf_writer
 
-    arch = module("mimo_v2_flash_config").parse_architecture(original)
-    config = module("hf_export").export_config(original, torch.bfloat16)
+    arch = mimo_config.parse_architecture(original)
+    config = hf_writer.export_config(original, torch.bfloat16)
     config.update(
         attention_bias=False,
         head_dim=arch.head_dim,

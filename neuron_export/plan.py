@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mimo_v2_flash import config as mimo_config
 from neuron_export import nxdi_contract
 from neuron_export.errors import ExportError
 from neuron_export.layout import INSTANCES, Layout, kv_mode, layout_problems
 from neuron_export.memory import MemoryPlan, plan_memory
-from neuron_export.project import module
 
 GIB, GB = 1024**3, 1e9
 TIGHT = 0.85
@@ -31,15 +31,14 @@ class Plan:
 
 def architecture_from_config(path: str | Path):
     """Normalized architecture from ``config.json`` (a file, or the directory holding it)."""
-    cfg_module = module("mimo_v2_flash_config")
-    config = cfg_module.load_config_dict(path)
+    config = mimo_config.load_config_dict(path)
     where = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
     identity = nxdi_contract.identity_problem(config)
     if identity:
         raise ExportError(f"{where}: {identity}")
     try:
-        arch = cfg_module.parse_architecture(config)
-    except cfg_module.MiMoV2FlashConfigError as error:
+        arch = mimo_config.parse_architecture(config)
+    except mimo_config.MiMoV2FlashConfigError as error:
         raise ExportError(f"{where}: {error}") from None
     unsupported = nxdi_contract.unsupported_by_adapter(arch)
     if unsupported:

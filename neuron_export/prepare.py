@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mimo_v2_flash.checkpoint import fp8 as fp8_checkpoint
+from mimo_v2_flash.checkpoint import hf_checkpoint, hf_writer, output_dirs
 from neuron_export import nxdi_contract
 from neuron_export.errors import ExportError
 from neuron_export.inspection import PREPARED, inspect_checkpoint
 from neuron_export.manifest import write_manifest
-from neuron_export.project import module
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 
@@ -94,9 +95,8 @@ def prepare(
     start = time.perf_counter()
     _refuse_problems(source)
     refuse_overlap(source, output)
-    hf, fp8, dirs, hf_export = (module(m) for m in ("hf_checkpoint", "mimo_v2_flash_fp8", "output_dirs", "hf_export"))
-    dirs.check_output_dir(output, overwrite)
-    reader = fp8.FP8Checkpoint(hf.HFCheckpoint(source), fp8_kv_layout)
+    output_dirs.check_output_dir(output, overwrite)
+    reader = fp8_checkpoint.FP8Checkpoint(hf_checkpoint.HFCheckpoint(source), fp8_kv_layout)
     fp8_layouts = reader.resolve_all()  # every FP8 scale layout decided before anything is written
     config = nxdi_contract.nxdi_config(reader.checkpoint.config)
     plan = _plan_tensors(reader, keep_mtp)
@@ -104,24 +104,24 @@ def prepare(
         math.prod(reader.checkpoint.shape(s)) * (4 if nxdi_contract.output_dtype_name(o) == "float32" else 2)
         for s, o, _ in plan
     )
-    staging = dirs.staging_dir(output)
+    staging = output_dirs.staging_dir(output)
     staging.mkdir()
     try:
-        writers = {"main": hf_export.ShardWriter(staging, max_shard_bytes)}
+        writers = {"main": hf_writer.ShardWriter(staging, max_shard_bytes)}
         if any(target == "mtp" for *_, target in plan):
             (staging / nxdi_contract.MTP_DIR).mkdir()
-            writers["mtp"] = hf_export.ShardWriter(staging / nxdi_contract.MTP_DIR, max_shard_bytes)
+            writers["mtp"] = hf_writer.ShardWriter(staging / nxdi_contract.MTP_DIR, max_shard_bytes)
         with _progress_bar(total, "prepare (BF16 shards)") as bar:
             written = _write_tensors(reader, plan, writers, bar)
         shards = {target: len(set(writer.finish().values())) for target, writer in writers.items()}
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        copied = hf_export.copy_artifacts(source, staging)
+        copied = hf_writer.copy_artifacts(source, staging)
         hashed_total = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file())
         with _progress_bar(hashed_total, "SHA256SUMS") as bar:
             write_manifest(staging, bar.update)
         for path in staging.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)
-        dirs.replace_directory(staging, output)
+        output_dirs.replace_directory(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def parallel_state():
     """Single-process gloo group + Megatron model-parallel state (TP=PP=EP=1)."""
-    from megatron.bridge.models.mimo_v2_flash.runtime import initialize_parallel_state
+    from mimo_v2_flash.runtime.process_groups import initialize_parallel_state
 
     initialize_parallel_state()
     yield
@@ -28,6 +28,6 @@ def parallel_state():
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory) -> Path:
     """The default tiny checkpoint (fp32, one MTP layer, tokenizer)."""
-    from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import write_tiny_checkpoint
+    from mimo_v2_flash.tiny_checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "hf", mtp_layers=1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from collections.abc import Callable
@@ -10,16 +9,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples/models/mimo_v2_flash"
-
-
-def example_main(name: str) -> Callable:
-    """``main`` of ``examples/models/mimo_v2_flash/<name>.py``, to run a command line in this process."""
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def hf_state_dict(directory: Path) -> dict[str, torch.Tensor]:
@@ -31,7 +20,7 @@ def hf_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def megatron_model(hf_dir: Path, dtype: torch.dtype = torch.float32, **layout):
-    from megatron.bridge.models.mimo_v2_flash.inference import load_from_hf
+    from mimo_v2_flash.runtime.inference import load_from_hf
 
     return load_from_hf(hf_dir, dtype, **layout)
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_conversion import convert
 
-from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import write_fp8_checkpoint, write_tiny_checkpoint
+from mimo_v2_flash.tiny_checkpoint import write_fp8_checkpoint, write_tiny_checkpoint
 
 LAYER1_Q = "model.layers.1.self_attn.q_proj.weight"
 

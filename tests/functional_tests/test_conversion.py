@@ -11,18 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from mimo_testing import example_main, hf_state_dict
+from mimo_testing import hf_state_dict
 from safetensors.torch import load_file, save_file
 
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import HFCheckpoint
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8Checkpoint
-from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import write_fp8_checkpoint, write_tiny_checkpoint
+from mimo_v2_flash.checkpoint.fp8 import FP8Checkpoint
+from mimo_v2_flash.checkpoint.hf_checkpoint import HFCheckpoint
+from mimo_v2_flash.conversion.cli import main as convert_main
+from mimo_v2_flash.tiny_checkpoint import write_fp8_checkpoint, write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples/models/mimo_v2_flash"
 
 
-convert = example_main("convert_checkpoints")
+convert = convert_main
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_import_on_a_cuda_host_produces_every_buffer_from_the_hf_weights(bf16_hf
 def test_a_checkpoint_trained_with_te_exports_and_loads_on_this_host(bf16_hf, tmp_path, parallel_state):
     """The backend is chosen where a checkpoint is loaded: one whose run config records a TransformerEngine GPU
     run (TE, grouped GEMM, alltoall, fusions) exports and loads here, on the local backend."""
-    from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import load_megatron_checkpoint
+    from mimo_v2_flash.conversion.megatron_checkpoint import load_megatron_checkpoint
 
     megatron_dir, export_dir = tmp_path / "megatron", tmp_path / "export"
     assert convert(["import", "--hf-model", str(bf16_hf), "--megatron-path", str(megatron_dir)]) == 0

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from mimo_testing import example_main, hf_state_dict, skip_unless_ranks_fit
+from mimo_testing import hf_state_dict, skip_unless_ranks_fit
 from safetensors.torch import load_file
 
-from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import (
+from mimo_v2_flash.conversion.cli import main as convert_main
+from mimo_v2_flash.runtime.compare_logits import main as compare_main
+from mimo_v2_flash.tiny_checkpoint import (
     write_fp8_checkpoint,
     write_tiny_checkpoint,
     write_tokenizer,
@@ -109,10 +111,10 @@ def test_sft_changes_every_trainable_parameter(sft_run):
 def test_sft_export_matches_transformers(sft_run, fp8_hf, tmp_path):
     output, _ = sft_run
     exported = tmp_path / "hf_out"
-    convert = example_main("convert_checkpoints")
+    convert = convert_main
     assert convert(["export", "--hf-model", str(fp8_hf), "--megatron-path", str(output), "--hf-path", str(exported),
                     "--dtype", "float32"]) == 0  # fmt: skip
-    compare = example_main("compare_logits")
+    compare = compare_main
     assert compare(["--hf-model", str(exported), "--megatron-path", str(output), "--tolerance", "1e-4"]) == 0
 
 
@@ -249,7 +251,7 @@ def lora_exports(lora_run, fp8_hf, tmp_path_factory) -> tuple[Path, Path, Path]:
     output, _ = lora_run
     root = tmp_path_factory.mktemp("lora_export")
     merged, adapter, base = root / "merged", root / "adapter", root / "base"
-    convert = example_main("convert_checkpoints")
+    convert = convert_main
     assert convert(["export", "--hf-model", str(fp8_hf), "--megatron-path", str(output), "--hf-path", str(merged),
                     "--dtype", "float32", "--adapter-path", str(adapter)]) == 0  # fmt: skip
     run_config = (output / "iter_0000005" / "run_config.yaml").read_text()
@@ -263,7 +265,7 @@ def test_lora_merged_export_matches_megatron_adapters(lora_run, lora_exports):
     """transformers on the merged export == Megatron-Bridge's LoRA model (adapters unmerged); the base differs."""
     output, _ = lora_run
     merged, _, base = lora_exports
-    compare = example_main("compare_logits")
+    compare = compare_main
     assert compare(["--hf-model", str(merged), "--megatron-path", str(output), "--tolerance", "1e-4"]) == 0
     assert compare(["--hf-model", str(base), "--megatron-path", str(output), "--tolerance", "1e-4"]) == 1
 
@@ -317,7 +319,7 @@ def test_print_config_shows_the_gpu_configuration_from_a_config_only_directory(t
     """``--backend te --print-config``: the GPU configuration, on any host, without weights or training."""
     import yaml
 
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import released_config, with_native_fields
+    from mimo_v2_flash.config import released_config, with_native_fields
 
     model_dir = tmp_path / "MiMo-V2-Flash"
     model_dir.mkdir()

@@ -10,18 +10,19 @@ from pathlib import Path
 import fp8_reference
 import pytest
 import torch
-from mimo_testing import example_main, hf_logits, hf_state_dict, missing_serving_fields
+from mimo_testing import hf_logits, hf_state_dict, missing_serving_fields
 from safetensors.torch import save_file
 
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import HFCheckpoint
-from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import (
+from mimo_v2_flash.checkpoint.hf_checkpoint import HFCheckpoint
+from mimo_v2_flash.conversion.cli import main as convert_main
+from mimo_v2_flash.tiny_checkpoint import (
     is_fp8_quantized_in_release,
     tiny_config,
     write_tiny_checkpoint,
 )
 
 BLOCK = (128, 16)  # 128-row blocks as released; narrow column blocks give the data many blocks to decide on
-convert = example_main("convert_checkpoints")
+convert = convert_main
 
 
 def layer_layout(name: str, layout: str) -> str:

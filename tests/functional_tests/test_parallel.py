@@ -12,9 +12,9 @@ import torch
 from mimo_testing import hf_state_dict, skip_unless_ranks_fit
 from safetensors.torch import load_file
 
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError, parse_architecture
-from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
-from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import tiny_config, write_tiny_checkpoint
+from mimo_v2_flash.config import MiMoV2FlashConfigError, parse_architecture
+from mimo_v2_flash.planning.parallel_layout import check_parallel_layout
+from mimo_v2_flash.tiny_checkpoint import tiny_config, write_tiny_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples/models/mimo_v2_flash"
 PROMPT = "3,14,15,92,65,35,89,79,32,38,46,26,43,38"

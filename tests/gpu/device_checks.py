@@ -65,9 +65,9 @@ def te_attention(kind: str, heads: int, kv_heads: int):
     """Our TE core attention for one layer kind, built the way the model builds it."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import FULL_ATTENTION, SLIDING_ATTENTION
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_layer_specs import te_core_attention_class
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import MiMoV2FlashModelProvider
+    from megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.layer_specs import te_core_attention_class
+    from mimo_v2_flash.config import FULL_ATTENTION, SLIDING_ATTENTION
 
     provider = MiMoV2FlashModelProvider(
         num_layers=2,
@@ -137,7 +137,7 @@ def check_attention(kind: str, heads: int, kv_heads: int, seq: int, window, with
 def check_long_sequence_memory(backends: list) -> bool:
     import torch
 
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import SLIDING_ATTENTION
+    from mimo_v2_flash.config import SLIDING_ATTENTION
 
     seq, heads, kv_heads = 32768, 8, 1  # one TP-8 rank of an SWA layer
     attention = te_attention(SLIDING_ATTENTION, heads, kv_heads)
@@ -165,7 +165,7 @@ def check_te_vs_local(hf_dir: Path) -> bool:
     import torch
 
     from megatron.bridge import AutoBridge
-    from megatron.bridge.models.mimo_v2_flash.inference import build_model, configure_provider
+    from mimo_v2_flash.runtime.inference import build_model, configure_provider
 
     ids = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 8]], device="cuda")
     positions = torch.arange(ids.shape[1], device="cuda").unsqueeze(0)
@@ -196,8 +196,8 @@ def check_fp8_import(fp8_dir: Path, work: Path) -> bool:
     import torch
     from safetensors.torch import load_file
 
-    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import HFCheckpoint
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8Checkpoint
+    from mimo_v2_flash.checkpoint.fp8 import FP8Checkpoint
+    from mimo_v2_flash.checkpoint.hf_checkpoint import HFCheckpoint
 
     python = sys.executable
     ok = run([python, EXAMPLES / "convert_checkpoints.py", "import", "--hf-model", fp8_dir, "--megatron-path",
@@ -267,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                     backends.append(name)
 
     logging.getLogger().addHandler(BackendLog())
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import FULL_ATTENTION, SLIDING_ATTENTION
-    from megatron.bridge.models.mimo_v2_flash.runtime import initialize_parallel_state
-    from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import write_fp8_checkpoint, write_tiny_checkpoint
+    from mimo_v2_flash.config import FULL_ATTENTION, SLIDING_ATTENTION
+    from mimo_v2_flash.runtime.process_groups import initialize_parallel_state
+    from mimo_v2_flash.tiny_checkpoint import write_fp8_checkpoint, write_tiny_checkpoint
 
     initialize_parallel_state()
     checks = [

@@ -27,7 +27,10 @@ def test_upstream_files_are_never_executed_and_registry_holds_ours():
         "import sys, megatron.bridge\n"
         "from megatron.bridge.models.conversion.model_bridge import get_model_bridge\n"
         "from megatron.bridge.models.mimo_v2_flash import MiMoV2FlashBridge\n"
-        "upstream = [m for m in sys.modules if m.endswith('modeling_mimo_v2_flash')]\n"
+        "ours = 'src/megatron/bridge/models/mimo_v2_flash/'\n"
+        "package = 'megatron.bridge.models.mimo_v2_flash'\n"
+        "upstream = [n for n, m in list(sys.modules.items()) if n.startswith(package)\n"
+        "            and ours not in (getattr(m, '__file__', None) or ours)]\n"
         "print(upstream, MiMoV2FlashBridge.__module__, MiMoV2FlashBridge.__code__ if False else '')"
     )
     assert out.startswith("[] megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_bridge")

@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_framework_logs()
     import torch
 
-    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
-    from megatron.bridge.models.mimo_v2_flash.inference import forward_logits, greedy_generate
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
+    from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError
+    from mimo_v2_flash.config import MiMoV2FlashConfigError
+    from mimo_v2_flash.runtime.inference import forward_logits, greedy_generate
 
     checkpoint_dir = args.hf_model or args.megatron_path
     if not checkpoint_dir.is_dir():
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tokenizer_dir = checkpoint_dir
     if args.megatron_path is not None:
-        from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import latest_iteration_dir
+        from mimo_v2_flash.checkpoint.megatron_dirs import latest_iteration_dir
 
         try:
             tokenizer_dir = latest_iteration_dir(checkpoint_dir) / "tokenizer"
@@ -125,15 +125,15 @@ def _load_model(args: argparse.Namespace, layout: dict):
     """Check the layout against the model and the process count, then build and load the model."""
     import os
 
-    from megatron.bridge.models.mimo_v2_flash.inference import DTYPES, load_from_hf
-    from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import load_megatron_checkpoint
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
+    from mimo_v2_flash.config import (
         MiMoV2FlashConfigError,
         load_config_dict,
         parse_architecture,
     )
-    from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
-    from megatron.bridge.models.mimo_v2_flash.runtime import initialize_parallel_state
+    from mimo_v2_flash.conversion.megatron_checkpoint import load_megatron_checkpoint
+    from mimo_v2_flash.planning.parallel_layout import check_parallel_layout
+    from mimo_v2_flash.runtime.inference import DTYPES, load_from_hf
+    from mimo_v2_flash.runtime.process_groups import initialize_parallel_state
 
     arch = parse_architecture(load_config_dict(args.hf_model)) if args.hf_model is not None else None
     check_parallel_layout(arch, **layout, world_size=int(os.environ.get("WORLD_SIZE", "1")))

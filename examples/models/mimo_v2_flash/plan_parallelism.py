@@ -20,7 +20,7 @@ from mimo_v2_flash_overlay import quiet_framework_logs
 
 
 def _arch(args):
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
+    from mimo_v2_flash.config import (
         load_config_dict,
         parse_architecture,
         released_config,
@@ -28,15 +28,15 @@ def _arch(args):
 
     if args.hf_model is None:
         return parse_architecture(released_config()), 3
-    from megatron.bridge.models.mimo_v2_flash.checkpoint_validation import validate_checkpoint
-    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import HFCheckpoint
+    from mimo_v2_flash.checkpoint.hf_checkpoint import HFCheckpoint
+    from mimo_v2_flash.checkpoint.validation import validate_checkpoint
 
     del load_config_dict
     return validate_checkpoint(HFCheckpoint(args.hf_model))
 
 
 def _evaluate(arch, mtp, tp, pp, ep, etp, gpus, args):
-    from megatron.bridge.models.mimo_v2_flash.parallel_plan import GIB, plan_rank_memory
+    from mimo_v2_flash.planning.parallel_plan import GIB, plan_rank_memory
 
     dp = gpus // (tp * pp)
     expert_dp = max(gpus // (ep * etp * pp), 1)
@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recommend", type=int, nargs="+", metavar="GPUS", help="search layouts for these GPU counts")
     args = parser.parse_args(argv)
     quiet_framework_logs()
-    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
-    from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
-    from megatron.bridge.models.mimo_v2_flash.parallel_plan import total_parameters
+    from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError
+    from mimo_v2_flash.config import MiMoV2FlashConfigError
+    from mimo_v2_flash.planning.parallel_layout import check_parallel_layout
+    from mimo_v2_flash.planning.parallel_plan import total_parameters
 
     try:
         arch, mtp = _arch(args)
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 def _recommend(arch, mtp, args, check) -> int:
     """For each GPU count: the valid layout with the least full-FT memory per rank (distributed optimizer, as the
     recipe), with its weights / gradients / optimizer state / activations; and the same for LoRA."""
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError
-    from megatron.bridge.models.mimo_v2_flash.parallel_plan import GIB, activation_bytes, plan_rank_memory
+    from mimo_v2_flash.config import MiMoV2FlashConfigError
+    from mimo_v2_flash.planning.parallel_plan import GIB, activation_bytes, plan_rank_memory
 
     args.distributed_optimizer = True
 

@@ -11,6 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from mimo_v2_flash import tiny_checkpoint
+from mimo_v2_flash.checkpoint import fp8 as fp8_checkpoint
+from mimo_v2_flash.checkpoint import hf_checkpoint
+
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parents[1]
 FAKE_NXDI = HERE / "fake_nxdi"
@@ -33,17 +37,11 @@ REAL_CONFIG = {
 }  # fmt: skip
 
 
-def project(leaf: str):
-    from neuron_export.project import module
-
-    return module(leaf)
-
-
 def build_checkpoints(root: Path) -> dict[str, Path]:
     """Tiny source (fp32, 1 MTP layer), its FP8 release-like copy, and both prepared (FP8 one with MTP kept)."""
     from neuron_export.prepare import prepare
 
-    tiny = project("tiny_checkpoint")
+    tiny = tiny_checkpoint
     source = tiny.write_tiny_checkpoint(root / "source", mtp_layers=1, seed=7)
     fp8 = tiny.write_fp8_checkpoint(source, root / "fp8", block=(16, 16))
     prepare(source, root / "prepared")
@@ -62,7 +60,7 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def dequantized(directory: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a (possibly FP8) checkpoint, scales folded in (project reader)."""
-    reader = project("mimo_v2_flash_fp8").FP8Checkpoint(project("hf_checkpoint").HFCheckpoint(directory))
+    reader = fp8_checkpoint.FP8Checkpoint(hf_checkpoint.HFCheckpoint(directory))
     return {name: reader.get(name, torch.float32) for name in reader.weight_names()}
 
 

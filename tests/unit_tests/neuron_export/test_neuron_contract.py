@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ne_helpers import REAL_CONFIG, config, project
+from ne_helpers import REAL_CONFIG, config
 
+from mimo_v2_flash import config as mimo_config
+from mimo_v2_flash.checkpoint import hf_checkpoint
 from neuron_export import nxdi_contract
 
 
@@ -57,7 +59,7 @@ def test_normalized_config_values():
 
 
 def test_native_only_config_is_normalized_too():
-    native = project("mimo_v2_flash_config").with_native_fields(dict(REAL_CONFIG))
+    native = mimo_config.with_native_fields(dict(REAL_CONFIG))
     for hub_field in ("hybrid_layer_pattern", "moe_layer_freq", "rope_theta", "swa_rope_theta", "sliding_window_size",
                       "layernorm_epsilon", "swa_num_key_value_heads", "attention_value_scale"):  # fmt: skip
         native.pop(hub_field)
@@ -86,7 +88,7 @@ def test_renames():
 
 
 def test_adapter_limits_are_problems():
-    arch = project("mimo_v2_flash_config").parse_architecture(dict(REAL_CONFIG, routed_scaling_factor=2.5))
+    arch = mimo_config.parse_architecture(dict(REAL_CONFIG, routed_scaling_factor=2.5))
     assert any("routed_scaling_factor" in p for p in nxdi_contract.unsupported_by_adapter(arch))
     assert nxdi_contract.identity_problem({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
     assert nxdi_contract.identity_problem(REAL_CONFIG) is None
@@ -94,7 +96,7 @@ def test_adapter_limits_are_problems():
 
 
 def test_prepared_dtypes(ne_checkpoints):
-    hf = project("hf_checkpoint").HFCheckpoint(ne_checkpoints["prepared_fp8"])
+    hf = hf_checkpoint.HFCheckpoint(ne_checkpoints["prepared_fp8"])
     for name in hf.keys():
         expected = torch.float32 if name.endswith("router.e_score_correction_bias") else torch.bfloat16
         assert hf.dtype(name) == expected, name

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from ne_helpers import REAL_CONFIG, project
+from ne_helpers import REAL_CONFIG
 
+from mimo_v2_flash import config as mimo_config
 from neuron_export.cli import main
 from neuron_export.layout import Layout, layout_problems
 from neuron_export.memory import plan_memory
@@ -24,7 +25,7 @@ def real_config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def arch():
-    return project("mimo_v2_flash_config").parse_architecture(REAL_CONFIG)
+    return mimo_config.parse_architecture(REAL_CONFIG)
 
 
 def test_real_model_at_tp64_ep64(real_config, capsys):
@@ -74,7 +75,7 @@ def test_layout_rules(arch, layout, fragment):
 
 def test_ep_must_divide_experts(arch):
     cfg = dict(REAL_CONFIG, n_routed_experts=96)
-    odd = project("mimo_v2_flash_config").parse_architecture(cfg)
+    odd = mimo_config.parse_architecture(cfg)
     assert any(
         "does not divide the 96 experts" in p for p in layout_problems(odd, Layout(tp=64, ep=64, batch_size=32))
     )

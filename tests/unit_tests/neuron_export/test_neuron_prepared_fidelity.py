@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
-from ne_helpers import config, dequantized, load_weights, project
+from ne_helpers import config, dequantized, load_weights
 from ne_reference import logits
+
+from mimo_v2_flash.checkpoint import hf_checkpoint
 
 PREPARED_BIAS = "model.layers.{i}.mlp.router.e_score_correction_bias"  # what NxDI loads (written independently here)
 HUB_BIAS = "mlp.gate.e_score_correction_bias"
@@ -87,7 +89,7 @@ def test_prepared_logits_equal_source_logits(ne_checkpoints, source_key, prepare
 
 def test_output_shards_are_bounded(ne_checkpoints):
     """prepared_fp8 was written with max_shard_bytes=100_000: no shard holds more (streaming, shard by shard)."""
-    hf = project("hf_checkpoint").HFCheckpoint(ne_checkpoints["prepared_fp8"])
+    hf = hf_checkpoint.HFCheckpoint(ne_checkpoints["prepared_fp8"])
     per_shard: dict[str, int] = {}
     for name in hf.keys():
         per_shard[hf.weight_map[name]] = per_shard.get(hf.weight_map[name], 0) + hf.nbytes(name)

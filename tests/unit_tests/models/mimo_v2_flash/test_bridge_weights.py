@@ -36,7 +36,7 @@ def test_auto_bridge_dispatches_to_this_repository(tiny_hf_dir):
 
 def test_megatron_to_hf_in_memory_round_trip_is_exact(tiny_hf_dir, parallel_state):
     from megatron.bridge import AutoBridge
-    from megatron.bridge.models.mimo_v2_flash.inference import build_model, configure_provider
+    from mimo_v2_flash.runtime.inference import build_model, configure_provider
 
     bridge = AutoBridge.from_hf_pretrained(str(tiny_hf_dir))
     model = build_model(configure_provider(bridge.to_megatron_provider(load_weights=True), torch.float32))
@@ -109,8 +109,8 @@ def test_te_backend_requested_without_te_is_a_clear_error(tiny_hf_dir, parallel_
 def test_te_backend_matches_local_backend_on_gpu(tiny_hf_dir):  # pragma: no cover - GPU only
     pytest.importorskip("transformer_engine")
     from megatron.bridge import AutoBridge
-    from megatron.bridge.models.mimo_v2_flash.inference import build_model, configure_provider
-    from megatron.bridge.models.mimo_v2_flash.runtime import initialize_parallel_state
+    from mimo_v2_flash.runtime.inference import build_model, configure_provider
+    from mimo_v2_flash.runtime.process_groups import initialize_parallel_state
 
     initialize_parallel_state()
     ids = torch.randint(0, 384, (1, 24), device="cuda")
@@ -130,7 +130,7 @@ def test_megatron_to_hf_config_round_trips_the_architecture(tiny_hf_dir):
 
     from megatron.bridge import AutoBridge
     from megatron.bridge.models.mimo_v2_flash import MiMoV2FlashBridge
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import parse_architecture
+    from mimo_v2_flash.config import parse_architecture
 
     original = parse_architecture(json.loads((tiny_hf_dir / "config.json").read_text()))
     provider = AutoBridge.from_hf_pretrained(str(tiny_hf_dir)).to_megatron_provider(load_weights=False)
@@ -146,7 +146,7 @@ def test_megatron_to_hf_config_round_trips_the_architecture(tiny_hf_dir):
 def test_fp8_weights_given_in_memory_are_refused_not_passed_through():
     """From a checkpoint directory FP8 weights are dequantized exactly; from memory their scale layout is unknown."""
     from megatron.bridge.models.mimo_v2_flash import MiMoV2FlashBridge
-    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
+    from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError
 
     bridge = MiMoV2FlashBridge()
     state = {

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
+from mimo_v2_flash.config import (
     MiMoV2FlashConfigError,
     parse_architecture,
     with_native_fields,
 )
-from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import tiny_config
+from mimo_v2_flash.tiny_checkpoint import tiny_config
 
 HUB_ONLY = tiny_config(
     hybrid_layer_pattern=[1, 0, 0, 1], moe_layer_freq=[1, 0, 1, 1], rope_theta=123.0, swa_rope_theta=7.0
@@ -110,8 +110,8 @@ def test_written_configs_carry_every_field_the_serving_stacks_read():
     import torch
     from mimo_testing import missing_serving_fields
 
-    from megatron.bridge.models.mimo_v2_flash.hf_export import export_config
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import released_config
+    from mimo_v2_flash.checkpoint.hf_writer import export_config
+    from mimo_v2_flash.config import released_config
 
     bare = {k: v for k, v in released_config().items() if not k.startswith("swa_") or k == "swa_rope_theta"}
     bare.pop("swa_num_key_value_heads", None)

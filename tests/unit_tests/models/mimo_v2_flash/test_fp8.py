@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megatron.bridge.models.mimo_v2_flash.fp8_quantization import quantize_blockwise
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8_DTYPE, FP8Checkpoint
+from mimo_v2_flash.checkpoint.fp8 import FP8_DTYPE, FP8Checkpoint
+from mimo_v2_flash.checkpoint.fp8_quantization import quantize_blockwise
+from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
 
 
 def reference_grid(q: torch.Tensor, scale: torch.Tensor, bm: int, bn: int) -> torch.Tensor:

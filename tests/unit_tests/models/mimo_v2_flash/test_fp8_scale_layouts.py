@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8Checkpoint
+from mimo_v2_flash.checkpoint.fp8 import FP8Checkpoint
+from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
 
 P = "model.layers.1.self_attn."
 
@@ -128,7 +128,7 @@ def test_forced_layout_is_used_and_a_contradicted_one_fails(tmp_path):
 
 
 def test_other_tensors_with_a_single_fitting_layout_are_not_read(tmp_path, monkeypatch):
-    from megatron.bridge.models.mimo_v2_flash.fp8_quantization import quantize_blockwise
+    from mimo_v2_flash.checkpoint.fp8_quantization import quantize_blockwise
 
     name = "model.layers.1.mlp.experts.0.down_proj.weight"
     q, s = quantize_blockwise(torch.randn(256, 96), (128, 32))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
+from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
 
 
 def test_a_tensor_whose_bytes_do_not_match_its_shape_is_refused_at_open(tmp_path):

@@ -155,7 +155,7 @@ def test_checkpoints_with_or_without_extra_state_load_and_a_missing_weight_fails
 def test_sinks_are_initialized_and_marked_split_over_tensor_parallel_ranks(tiny_hf_dir, parallel_state):
     """Clipping's gradient norm counts an unmarked parameter on TP rank 0 only; the sinks are split by head."""
     from megatron.bridge import AutoBridge
-    from megatron.bridge.models.mimo_v2_flash.inference import build_model, configure_provider
+    from mimo_v2_flash.runtime.inference import build_model, configure_provider
 
     provider = configure_provider(
         AutoBridge.from_hf_pretrained(str(tiny_hf_dir)).to_megatron_provider(load_weights=False), torch.float32

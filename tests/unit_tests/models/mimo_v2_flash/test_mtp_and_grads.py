@@ -8,7 +8,7 @@ import torch
 from mimo_reference import mtp_logits
 from mimo_testing import hf_model, hf_state_dict, megatron_model
 
-from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import tiny_config, write_tiny_checkpoint
+from mimo_v2_flash.tiny_checkpoint import tiny_config, write_tiny_checkpoint
 
 
 def test_mtp_layers_match_reference(tmp_path, parallel_state):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from megatron.bridge.models.mimo_v2_flash.checkpoint_validation import expected_tensors
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import parse_architecture, released_config
-from megatron.bridge.models.mimo_v2_flash.parallel_plan import plan_rank_memory, total_parameters
-from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import tiny_config
+from mimo_v2_flash.checkpoint.validation import expected_tensors
+from mimo_v2_flash.config import parse_architecture, released_config
+from mimo_v2_flash.planning.parallel_plan import plan_rank_memory, total_parameters
+from mimo_v2_flash.tiny_checkpoint import tiny_config
 
 
 def _count(shapes) -> int:
@@ -40,7 +40,7 @@ def test_sharding_divides_what_it_should():
 
 
 def test_distributed_optimizer_shards_dense_state_over_dp_and_expert_state_over_expert_dp():
-    from megatron.bridge.models.mimo_v2_flash.parallel_plan import RankMemory
+    from mimo_v2_flash.planning.parallel_plan import RankMemory
 
     mem = RankMemory(dense_params=10, expert_params=100, lora_params=0)
     assert mem.full_finetune_parts(dp=2, distributed_optimizer=True, expert_dp=4) == (
@@ -52,7 +52,7 @@ def test_distributed_optimizer_shards_dense_state_over_dp_and_expert_state_over_
 
 
 def test_activations_grow_with_the_tokens_each_rank_holds():
-    from megatron.bridge.models.mimo_v2_flash.parallel_plan import activation_bytes
+    from mimo_v2_flash.planning.parallel_plan import activation_bytes
 
     arch = parse_architecture(released_config())
     at_4k = activation_bytes(arch, tp=8, pp=1, seq_length=4096, mtp_layers=3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from mimo_testing import edit_checkpoint, hf_logits, megatron_logits
 
-from megatron.bridge.models.mimo_v2_flash.tiny_checkpoint import tiny_config, write_tiny_checkpoint
+from mimo_v2_flash.tiny_checkpoint import tiny_config, write_tiny_checkpoint
 
 TOLERANCE = 1e-4
 

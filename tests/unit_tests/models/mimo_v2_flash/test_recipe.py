@@ -7,20 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from mimo_testing import example_main
 
-from megatron.bridge.models.mimo_v2_flash import cpu_adaptations
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import (
-    apply_host_settings,
-    mimo_v2_flash_finetune_config,
-)
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import mimo_v2_flash_finetune_config
+from mimo_v2_flash.conversion.cli import main as convert_main
+from mimo_v2_flash.runtime import cpu_adaptations
 
 REPO = Path(__file__).resolve().parents[4]
 
 
 @pytest.fixture(scope="module")
 def pretrained(tiny_hf_dir, parallel_state, tmp_path_factory) -> Path:
-    convert = example_main("convert_checkpoints")
+    convert = convert_main
     output = tmp_path_factory.mktemp("recipe") / "mcore"
     assert convert(["import", "--hf-model", str(tiny_hf_dir), "--megatron-path", str(output), "--dtype",
                         "float32"]) == 0  # fmt: skip
@@ -71,11 +68,9 @@ def test_the_recipe_is_the_gpu_configuration_on_every_host(pretrained, tiny_hf_d
 
 
 def test_host_settings_change_it_only_without_cuda(pretrained, tiny_hf_dir, tmp_path, monkeypatch):
-    recipe = "megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe.cuda_absent"
-    monkeypatch.setattr(recipe, lambda: True)  # a host without CUDA, whatever this one is
-    monkeypatch.setattr(cpu_adaptations, "cuda_absent", lambda: True)
+    monkeypatch.setattr(cpu_adaptations, "cuda_absent", lambda: True)  # a host without CUDA, whatever this one is
     cfg = config(pretrained, tiny_hf_dir, tmp_path)
-    assert apply_host_settings(cfg) is True
+    assert cpu_adaptations.apply_cpu_training_settings(cfg) is True
     assert cfg.model.use_transformer_engine is False and not cfg.model.moe_grouped_gemm
     assert cfg.model.moe_token_dispatcher_type == "allgather" and not cfg.model.gradient_accumulation_fusion
     assert cfg.dist.distributed_backend == "gloo" and cfg.mixed_precision is None
@@ -85,9 +80,9 @@ def test_host_settings_change_it_only_without_cuda(pretrained, tiny_hf_dir, tmp_
     assert not cfg.ddp.average_in_collective
     assert cfg.dataset.num_workers == 0 and not cfg.dataset.pin_memory
     gpu = config(pretrained, tiny_hf_dir, tmp_path)
-    monkeypatch.setattr(recipe, lambda: False)
+    monkeypatch.setattr(cpu_adaptations, "cuda_absent", lambda: False)
     before = repr(gpu.to_dict())
-    assert apply_host_settings(gpu) is False and repr(gpu.to_dict()) == before
+    assert cpu_adaptations.apply_cpu_training_settings(gpu) is False and repr(gpu.to_dict()) == before
 
 
 def test_local_backend_turns_te_only_features_off(pretrained, tiny_hf_dir, tmp_path):

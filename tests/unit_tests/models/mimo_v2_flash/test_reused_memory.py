@@ -8,7 +8,7 @@ import io
 
 import torch
 
-from megatron.bridge.models.mimo_v2_flash.reused_memory import RecycledStorages, owning_just_its_bytes
+from mimo_v2_flash.checkpoint.reused_memory import RecycledStorages, owning_just_its_bytes
 
 
 def _address(tensor: torch.Tensor) -> int:

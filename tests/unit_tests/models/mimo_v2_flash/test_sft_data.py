@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron.bridge.models.mimo_v2_flash.sft_data import SFTDataError, inspect_sft_file, stage_sft_data
+from mimo_v2_flash.training.sft_data import SFTDataError, inspect_sft_file, stage_sft_data
 
 REPO = Path(__file__).resolve().parents[4]
 SHIPPED = REPO / "examples/models/mimo_v2_flash/data/tiny_sft.jsonl"
@@ -69,8 +69,8 @@ def test_staging_links_the_file_and_forgets_indexes_of_another(tmp_path):
 
 
 def test_rank0_work_returns_its_value_and_reraises_its_own_error_type(parallel_state):
-    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
-    from megatron.bridge.models.mimo_v2_flash.runtime import run_on_rank0
+    from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError
+    from mimo_v2_flash.runtime.process_groups import run_on_rank0
 
     assert run_on_rank0(lambda: {"rows": 3}) == {"rows": 3}
 

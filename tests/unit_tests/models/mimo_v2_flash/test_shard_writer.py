@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
-from megatron.bridge.models.mimo_v2_flash.hf_export import ShardWriter, read_ahead
+from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError
+from mimo_v2_flash.checkpoint.hf_writer import ShardWriter, read_ahead
 
 
 def tensors() -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from megatron.bridge.models.mimo_v2_flash.streaming_import import (
+from mimo_v2_flash.conversion.streaming_import import (
     ParameterMaterializer,
     one_core_for_the_writer,
 )

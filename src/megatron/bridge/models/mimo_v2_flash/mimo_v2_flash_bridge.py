@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,27 +12,17 @@ from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRe
 from megatron.bridge.models.conversion.model_bridge import MegatronModelBridge
 from megatron.core.models.gpt.gpt_model import GPTModel
 
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import mimo_v2_flash_mapping_registry
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import MiMoV2FlashModelProvider
+from mimo_v2_flash.checkpoint.fp8 import FP8_DTYPE, FP8Checkpoint
+from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint, count_mtp_layers
+from mimo_v2_flash.config import (
     SLIDING_ATTENTION,
     MiMoV2FlashArchitecture,
     load_config_dict,
     parse_architecture,
     with_native_fields,
 )
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8_DTYPE, FP8Checkpoint
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import mimo_v2_flash_mapping_registry
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import MiMoV2FlashModelProvider
-
-MTP_KEY = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
-
-
-def count_mtp_layers(keys) -> int:
-    """Number of MTP layers in a checkpoint (the config does not record it): highest index + 1."""
-    indices = {int(match.group(1)) for key in keys if (match := MTP_KEY.match(key))}
-    if indices and indices != set(range(max(indices) + 1)):
-        raise ValueError(f"MTP layers are not numbered 0..N-1 (found {sorted(indices)})")
-    return len(indices)
 
 
 def provider_from_architecture(arch: MiMoV2FlashArchitecture, mtp_num_layers: int = 0, **overrides: Any):

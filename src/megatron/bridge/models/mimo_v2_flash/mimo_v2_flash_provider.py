@@ -20,17 +20,17 @@ from megatron.core.pipeline_parallel.utils import (
 )
 from megatron.core.transformer import ModuleSpec
 
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_attention import MiMoV2FlashRotaryEmbedding
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
+from megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.attention import MiMoV2FlashRotaryEmbedding
+from megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.layer_specs import (
+    mimo_v2_flash_block_spec,
+    mimo_v2_flash_mtp_block_spec,
+)
+from mimo_v2_flash.config import (
     FULL_ATTENTION,
     SLIDING_ATTENTION,
     MiMoV2FlashConfigError,
 )
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_layer_specs import (
-    mimo_v2_flash_block_spec,
-    mimo_v2_flash_mtp_block_spec,
-)
-from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
+from mimo_v2_flash.planning.parallel_layout import check_parallel_layout
 
 
 class MiMoV2FlashGPTModel(MCoreGPTModel):
@@ -68,22 +68,36 @@ LOCAL_BACKEND_SETTINGS = {
 }
 
 
+CPU_MODEL_SETTINGS = {
+    # core/transformer/moe/token_dispatcher.py: the alltoall and flex dispatchers create CUDA streams / events.
+    "moe_token_dispatcher_type": "allgather",
+    # Megatron-Core's jit / apex fusions (bias-GeLU, bias-dropout-add, scaled masked softmax) are CUDA kernels.
+    "bias_activation_fusion": False,
+    "bias_dropout_fusion": False,
+    "masked_softmax_fusion": False,
+    # core/tensor_parallel/layers.py allocates parameters on torch.cuda.current_device() otherwise.
+    "use_cpu_initialization": True,
+    # core/tensor_parallel/random.py CheckpointFunction (activation recompute) saves and restores the CUDA RNG
+    # state through torch.cuda.random ("Found no NVIDIA driver").
+    "recompute_granularity": None,
+}
+"""Model settings a host without CUDA needs (configuration, not patches; see :func:`backend_settings`)."""
+
+
 def backend_settings(backend: str = "auto") -> dict:
     """Model settings that select the backend a checkpoint is built with *here*, whatever it was saved with.
 
     ``auto``: TransformerEngine where it is usable (CUDA and TE installed), the local backend otherwise; ``te`` /
     ``local`` force one. The local backend turns TE-only features off; a host without CUDA adds its own settings
-    (``cpu_adaptations.CPU_MODEL_SETTINGS``).
+    (:data:`CPU_MODEL_SETTINGS`).
     """
-    from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import CPU_MODEL_SETTINGS, cuda_absent
-
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     use_te = transformer_engine_usable() if backend == "auto" else backend == "te"
     settings: dict = {"use_transformer_engine": use_te}
     if not use_te:
         settings.update(LOCAL_BACKEND_SETTINGS)
-    if cuda_absent():
+    if not torch.cuda.is_available():
         settings.update(CPU_MODEL_SETTINGS)
     return settings
 

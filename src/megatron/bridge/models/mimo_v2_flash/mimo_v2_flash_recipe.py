@@ -12,7 +12,8 @@ The recipe is the GPU configuration, whatever host builds it, modelled on Megatr
 recipes (DeepSeek-V3, Qwen3-MoE): bf16, the TransformerEngine spec, grouped GEMM, the alltoall dispatcher with
 permute fusion, TE cross-entropy fusion, the distributed optimizer with overlapped reduce / gather, expert tensor
 parallelism 1, sequence parallelism with TP, selective recompute of core attention and the MoE activation. A
-launcher on a host without CUDA applies its changes in one place (``apply_host_settings``).
+launcher on a host without CUDA applies its changes in one place
+(``mimo_v2_flash.runtime.cpu_adaptations.apply_cpu_training_settings``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 from megatron.bridge.data.builders import GPTSFTDatasetConfig
+from megatron.bridge.data.sft_processing import ChatSFTPreprocessingConfig, PromptCompletionSFTPreprocessingConfig
 from megatron.bridge.peft.lora import LoRA
 from megatron.bridge.training.config import (
     CheckpointConfig,
@@ -37,10 +39,8 @@ from megatron.bridge.training.config import (
 )
 from megatron.bridge.training.model_load_save import load_model_config
 
-from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import apply_cpu_training_settings, cuda_absent
-from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import latest_iteration_dir
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import LOCAL_BACKEND_SETTINGS
-from megatron.bridge.models.mimo_v2_flash.sft_data import preprocessing_for
+from mimo_v2_flash.checkpoint.megatron_dirs import latest_iteration_dir
 
 LORA_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 
@@ -211,6 +211,15 @@ def mimo_v2_flash_finetune_config(
     return cfg
 
 
+def preprocessing_for(kind: str):
+    """Megatron-Bridge's preprocessing for a record format (loss on the assistant turns / on the output)."""
+    if kind == "chat":
+        return ChatSFTPreprocessingConfig(loss_mode="assistant")
+    return PromptCompletionSFTPreprocessingConfig(
+        prompt_column="input", completion_column="output", separator=" ", loss_mode="completion"
+    )
+
+
 def _gpu_model_settings(model) -> None:
     """The model settings of upstream's large-MoE GPU recipes (see the module docstring)."""
     model.use_transformer_engine = True
@@ -229,17 +238,3 @@ def _gpu_model_settings(model) -> None:
     # Long sequences: recompute attention's and the experts' activation inputs instead of keeping them.
     model.recompute_granularity = "selective"
     model.recompute_modules = ["core_attn", "moe_act"]
-
-
-def apply_host_settings(cfg: ConfigContainer) -> bool:
-    """The launcher's one place for what a host without CUDA changes in the recipe's configuration.
-
-    The local backend (TransformerEngine needs CUDA) and the CPU settings of
-    ``cpu_adaptations.apply_cpu_training_settings``. Returns whether anything was changed (only without CUDA).
-    """
-    if not cuda_absent():
-        return False
-    cfg.model.use_transformer_engine = False
-    for name, value in LOCAL_BACKEND_SETTINGS.items():
-        setattr(cfg.model, name, value)
-    return apply_cpu_training_settings(cfg)

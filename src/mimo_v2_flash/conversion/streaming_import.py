@@ -11,24 +11,19 @@ ones (reading, dequantizing and mapping overlap with writing); memory holds the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from megatron.core.dist_checkpointing.strategies.torch import (
-    MCoreSavePlanner,
-    TorchDistSaveShardedStrategy,
-    _replace_state_dict_keys_with_sharded_keys,
-    mcore_to_pyt_state_dict,
-)
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
 from torch.distributed.checkpoint.planner import WriteItemType
 from tqdm import tqdm
 
-from megatron.bridge.models.mimo_v2_flash.reused_memory import owning_just_its_bytes
+from mimo_v2_flash.checkpoint.reused_memory import owning_just_its_bytes
 
 COMPUTE_AHEAD_BYTES = 128 * 1024**2
 
@@ -145,27 +140,6 @@ class ParameterMaterializer:
         return value
 
 
-class _MaterializingPlanner(MCoreSavePlanner):
-    def __init__(self, materialize: ParameterMaterializer, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.materialize = materialize
-
-    def finish_plan(self, new_plan):
-        plan = super().finish_plan(new_plan)
-        # The file writer resolves the items in plan order (one file each): announce it for computing ahead.
-        tensors = [self.lookup_object(item.index) for item in plan.items if item.type != WriteItemType.BYTE_IO]
-        self.materialize.expect(t for t in tensors if isinstance(t, torch.Tensor) and self.materialize.owns(t))
-        return plan
-
-    def resolve_data(self, write_item):
-        data = super().resolve_data(write_item)
-        # Every parameter and buffer is produced from the HF weights, not only those on the meta device: on a CUDA
-        # host Megatron-Core creates some buffers (the router's expert_bias) on the GPU, zero-filled.
-        if isinstance(data, torch.Tensor) and self.materialize.owns(data):
-            return self.materialize(data)
-        return data
-
-
 @contextmanager
 def one_core_for_the_writer() -> Iterator[None]:
     """Intra-op threads for the computing worker: all cores but the one the file writer keeps busy.
@@ -182,35 +156,72 @@ def one_core_for_the_writer() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-class MaterializingSaveStrategy(TorchDistSaveShardedStrategy):
-    """torch_dist save whose tensors are produced lazily, item by item, by PyTorch's serial file writer."""
+@functools.cache
+def materializing_save_strategy_class() -> type:
+    """Megatron-Core's torch_dist save strategy whose tensors are produced lazily by PyTorch's serial file writer.
 
-    def __init__(self, materialize) -> None:
-        super().__init__("torch_dist", 1)
-        self.materialize = materialize
+    Built on first use: the subclasses need Megatron-Core, which this module does not import at load time.
+    """
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
 
-    def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
-        sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
-            sharded_state_dict, self.keep_only_main_replica
-        )
-        pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
-        planner = _MaterializingPlanner(
-            self.materialize,
-            dedup_replicated_tensors=not self.keep_only_main_replica,
-            flatten_state_dict=False,
-            flatten_sharded_tensors=False,
-        )
-        # One file per item: PyTorch's writer keeps every tensor of a file alive until the file is closed.
-        # No fsync per file: the whole directory only becomes visible by the final rename.
-        writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=False, thread_count=1, sync_files=False)
-        try:
-            with one_core_for_the_writer():
-                dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
-        finally:
-            self.materialize.close()
+    class MaterializingPlanner(MCoreSavePlanner):
+        def __init__(self, materialize: ParameterMaterializer, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.materialize = materialize
 
-    def can_handle_sharded_objects(self) -> bool:
-        return True
+        def finish_plan(self, new_plan):
+            plan = super().finish_plan(new_plan)
+            # The file writer resolves the items in plan order (one file each): announce it for computing ahead.
+            tensors = [self.lookup_object(item.index) for item in plan.items if item.type != WriteItemType.BYTE_IO]
+            self.materialize.expect(t for t in tensors if isinstance(t, torch.Tensor) and self.materialize.owns(t))
+            return plan
+
+        def resolve_data(self, write_item):
+            data = super().resolve_data(write_item)
+            # Every parameter and buffer is produced from the HF weights, not only those on the meta device: on a CUDA
+            # host Megatron-Core creates some buffers (the router's expert_bias) on the GPU, zero-filled.
+            if isinstance(data, torch.Tensor) and self.materialize.owns(data):
+                return self.materialize(data)
+            return data
+
+    class MaterializingSaveStrategy(TorchDistSaveShardedStrategy):
+        """torch_dist save whose tensors are produced lazily, item by item, by PyTorch's serial file writer."""
+
+        def __init__(self, materialize) -> None:
+            super().__init__("torch_dist", 1)
+            self.materialize = materialize
+
+        def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
+            sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica
+            )
+            pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
+            planner = MaterializingPlanner(
+                self.materialize,
+                dedup_replicated_tensors=not self.keep_only_main_replica,
+                flatten_state_dict=False,
+                flatten_sharded_tensors=False,
+            )
+            # One file per item: PyTorch's writer keeps every tensor of a file alive until the file is closed.
+            # No fsync per file: the whole directory only becomes visible by the final rename.
+            writer = FileSystemWriter(
+                str(checkpoint_dir), single_file_per_rank=False, thread_count=1, sync_files=False
+            )
+            try:
+                with one_core_for_the_writer():
+                    dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
+            finally:
+                self.materialize.close()
+
+        def can_handle_sharded_objects(self) -> bool:
+            return True
+
+    return MaterializingSaveStrategy
 
 
 def stream_import(hf_dir: Path, megatron_path: Path, dtype: torch.dtype) -> int:
@@ -222,8 +233,8 @@ def stream_import(hf_dir: Path, megatron_path: Path, dtype: torch.dtype) -> int:
     from megatron.bridge.training.tokenizers.tokenizer import build_tokenizer
 
     from megatron.bridge import AutoBridge
-    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
-    from megatron.bridge.models.mimo_v2_flash.inference import build_meta_model, configure_provider
+    from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError
+    from mimo_v2_flash.runtime.inference import build_meta_model, configure_provider
 
     auto = AutoBridge.from_hf_pretrained(str(hf_dir))
     provider = configure_provider(auto.to_megatron_provider(load_weights=False), dtype, parallel_output=True)
@@ -273,7 +284,7 @@ def stream_import(hf_dir: Path, megatron_path: Path, dtype: torch.dtype) -> int:
         optimizer=None,
         opt_param_scheduler=None,
         num_floating_point_operations_so_far=0,
-        checkpointing_context={"save_strategy": MaterializingSaveStrategy(materializer)},
+        checkpointing_context={"save_strategy": materializing_save_strategy_class()(materializer)},
         callback_manager=None,
     )
     bar.close()

@@ -172,22 +172,6 @@ def cuda_literals_on_cpu():
         yield
 
 
-CPU_MODEL_SETTINGS = {
-    # core/transformer/moe/token_dispatcher.py: the alltoall and flex dispatchers create CUDA streams / events.
-    "moe_token_dispatcher_type": "allgather",
-    # Megatron-Core's jit / apex fusions (bias-GeLU, bias-dropout-add, scaled masked softmax) are CUDA kernels.
-    "bias_activation_fusion": False,
-    "bias_dropout_fusion": False,
-    "masked_softmax_fusion": False,
-    # core/tensor_parallel/layers.py allocates parameters on torch.cuda.current_device() otherwise.
-    "use_cpu_initialization": True,
-    # core/tensor_parallel/random.py CheckpointFunction (activation recompute) saves and restores the CUDA RNG
-    # state through torch.cuda.random ("Found no NVIDIA driver").
-    "recompute_granularity": None,
-}
-"""Model settings a host without CUDA needs (configuration, not patches; see ``backend_settings``)."""
-
-
 def apply_cpu_training_settings(cfg) -> bool:
     """Settings of a Megatron-Bridge ``ConfigContainer`` that let its training loop run without CUDA.
 
@@ -206,11 +190,15 @@ def apply_cpu_training_settings(cfg) -> bool:
     * ``ddp.average_in_collective = False``: ``core/distributed/param_and_grad_buffer.py`` then all-reduces
       gradients with ``ReduceOp.AVG``, which made every iteration of the tiny model ~45% slower over gloo (640
       vs 440 ms, measured); scaling before a SUM gives the same mean.
-    * the model settings of :data:`CPU_MODEL_SETTINGS`.
+    * the local backend (TransformerEngine needs CUDA) and the model settings of the provider's
+      ``LOCAL_BACKEND_SETTINGS`` and ``CPU_MODEL_SETTINGS``.
     """
     if not cuda_absent():
         return False
-    for name, value in CPU_MODEL_SETTINGS.items():
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import CPU_MODEL_SETTINGS, LOCAL_BACKEND_SETTINGS
+
+    cfg.model.use_transformer_engine = False
+    for name, value in {**LOCAL_BACKEND_SETTINGS, **CPU_MODEL_SETTINGS}.items():
         setattr(cfg.model, name, value)
     cfg.ddp.use_distributed_optimizer = cfg.optimizer.use_distributed_optimizer = False
     cfg.ddp.overlap_grad_reduce = cfg.ddp.overlap_param_gather = False

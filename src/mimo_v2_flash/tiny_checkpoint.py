@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import released_config, with_native_fields
+from mimo_v2_flash.config import released_config, with_native_fields
 
 TINY_CORPUS = (
     "MiMo-V2-Flash is a mixture of experts language model with hybrid sliding window attention. "
@@ -203,9 +203,9 @@ def write_fp8_checkpoint(
     K and V of every layer are quantized in ``kv_layout`` (default: what the release is believed to use, each
     head's ``[K_h; V_h]`` quantized together with V keeping only its own blocks); other projections on the grid.
     """
-    from megatron.bridge.models.mimo_v2_flash.fp8_quantization import quantize_blockwise, quantize_kv
-    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import HFCheckpoint
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import parse_architecture
+    from mimo_v2_flash.checkpoint.fp8_quantization import quantize_blockwise, quantize_kv
+    from mimo_v2_flash.checkpoint.hf_checkpoint import HFCheckpoint
+    from mimo_v2_flash.config import parse_architecture
 
     src, dst = Path(src), Path(dst)
     ckpt = HFCheckpoint(src)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import with_native_fields
-from megatron.bridge.models.mimo_v2_flash.output_dirs import replace_directory, staging_dir
+from mimo_v2_flash.checkpoint.hf_checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError
+from mimo_v2_flash.checkpoint.output_dirs import replace_directory, staging_dir
+from mimo_v2_flash.config import with_native_fields
 
 KEEP_FP32 = ("e_score_correction_bias",)
 READ_AHEAD_BYTES = 64 * 1024**2

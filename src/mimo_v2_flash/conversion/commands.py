@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron.bridge.models.mimo_v2_flash.checkpoint_validation import validate_checkpoint
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8_DTYPE, SCALE_SUFFIX, FP8Checkpoint
-from megatron.bridge.models.mimo_v2_flash.output_dirs import check_output_dir, replace_directory, staging_dir
+from mimo_v2_flash.checkpoint.fp8 import FP8_DTYPE, SCALE_SUFFIX, FP8Checkpoint
+from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
+from mimo_v2_flash.checkpoint.output_dirs import check_output_dir, replace_directory, staging_dir
+from mimo_v2_flash.checkpoint.validation import validate_checkpoint
 
 GB = 1024**3
 
@@ -54,8 +54,8 @@ def import_checkpoint(
     import os
 
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_bridge import MiMoV2FlashBridge
-    from megatron.bridge.models.mimo_v2_flash.parallel_layout import check_parallel_layout
-    from megatron.bridge.models.mimo_v2_flash.runtime import initialize_parallel_state
+    from mimo_v2_flash.planning.parallel_layout import check_parallel_layout
+    from mimo_v2_flash.runtime.process_groups import initialize_parallel_state
 
     check_output_dir(megatron_path, overwrite)
     checkpoint = HFCheckpoint(hf_dir)
@@ -80,9 +80,9 @@ def import_checkpoint(
 
 def _import_weights(hf_dir: Path, megatron_path: Path, dtype: torch.dtype, layout: dict) -> None:
     from megatron.bridge import AutoBridge
-    from megatron.bridge.models.mimo_v2_flash.inference import build_model, configure_provider
-    from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import save_megatron_checkpoint
-    from megatron.bridge.models.mimo_v2_flash.streaming_import import stream_import
+    from mimo_v2_flash.conversion.megatron_checkpoint import save_megatron_checkpoint
+    from mimo_v2_flash.conversion.streaming_import import stream_import
+    from mimo_v2_flash.runtime.inference import build_model, configure_provider
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         # One process: stream tensor by tensor into the checkpoint (memory bounded by a parameter, not the model).
@@ -117,16 +117,17 @@ def export_checkpoint(
     LoRA run is exported merged (its base checkpoint plus the adapters); ``adapter_out`` additionally receives
     the adapters alone as a PEFT adapter in HF naming.
     """
-    from megatron.bridge.models.mimo_v2_flash.checkpoint_validation import expected_tensors
-    from megatron.bridge.models.mimo_v2_flash.hf_export import write_hf_checkpoint
-    from megatron.bridge.models.mimo_v2_flash.lora_checkpoint import (
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import mimo_v2_flash_mapping_registry
+    from mimo_v2_flash.checkpoint.hf_writer import write_hf_checkpoint
+    from mimo_v2_flash.checkpoint.megatron_dirs import latest_iteration_dir
+    from mimo_v2_flash.checkpoint.validation import expected_tensors
+    from mimo_v2_flash.conversion.lora_checkpoint import (
         LoraAdapters,
         find_lora_run,
         peft_adapter_config,
         peft_tensor_names,
     )
-    from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import iter_hf_weights, latest_iteration_dir
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import mimo_v2_flash_mapping_registry
+    from mimo_v2_flash.conversion.megatron_checkpoint import iter_hf_weights
 
     check_output_dir(hf_out, overwrite)
     if adapter_out is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
+from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:

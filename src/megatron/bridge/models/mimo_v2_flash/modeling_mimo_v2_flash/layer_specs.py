@@ -22,14 +22,14 @@ from megatron.core.transformer import ModuleSpec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_attention import (
+from megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.attention import (
     MiMoV2FlashCoreAttention,
     MiMoV2FlashSelfAttention,
     has_attention_sink,
     layer_attention_kind,
     mark_heads_sharded,
 )
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import SLIDING_ATTENTION
+from mimo_v2_flash.config import SLIDING_ATTENTION
 
 
 class MiMoV2FlashRMSNorm(torch.nn.RMSNorm):

@@ -5,10 +5,8 @@ from __future__ import annotations
 import atexit
 
 import torch
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import (
+from mimo_v2_flash.runtime.cpu_adaptations import (
     apply_cpu_adaptations,
     cuda_absent,
     init_single_process_group,
@@ -19,6 +17,9 @@ def initialize_parallel_state(
     tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, vp: int | None = None, seed: int = 1234
 ) -> None:
     """Initialize torch.distributed and Megatron's model-parallel groups (idempotent for the same layout)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
     apply_cpu_adaptations()
     if not torch.distributed.is_initialized():
         # A gloo group still alive at interpreter exit can abort the process after its work is done.
@@ -40,6 +41,8 @@ def initialize_parallel_state(
 
 def shutdown_parallel_state() -> None:
     """Tear down Megatron's groups and the default process group (registered to run at exit)."""
+    from megatron.core import parallel_state
+
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
@@ -78,8 +81,8 @@ def run_on_rank0(work):
     Expected errors (``CheckpointError``, ``SFTDataError``) travel to every rank, so no rank waits forever in a
     collective for a rank that failed.
     """
-    from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
-    from megatron.bridge.models.mimo_v2_flash.sft_data import SFTDataError
+    from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError
+    from mimo_v2_flash.training.sft_data import SFTDataError
 
     expected = (CheckpointError, SFTDataError)
     outcome: list = [None, None]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import SLIDING_ATTENTION, MiMoV2FlashArchitecture
+from mimo_v2_flash.config import SLIDING_ATTENTION, MiMoV2FlashArchitecture
 
 GIB = 1024**3
 # Mixed-precision Adam, bytes per trainable parameter: bf16 weight 2 + fp32 grad 4 + fp32 master 4 + m 4 + v 4.

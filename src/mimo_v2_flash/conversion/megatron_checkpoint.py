@@ -6,37 +6,16 @@ Saving and loading go through Megatron-Bridge's own ``training.model_load_save``
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemReader
 
-from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import cuda_absent
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
-from megatron.bridge.models.mimo_v2_flash.output_dirs import replace_directory, staging_dir
-
-ITER_DIR = re.compile(r"^iter_(\d+)$")
-
-
-def latest_iteration_dir(path: str | Path) -> Path:
-    """The directory holding model weights: ``path`` itself, or its latest ``iter_*`` (training outputs)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: Megatron checkpoint directory not found")
-    if (path / "metadata.json").is_file():
-        return path
-    tracker = path / "latest_checkpointed_iteration.txt"
-    if tracker.is_file():
-        text = tracker.read_text().strip()
-        candidate = path / f"iter_{int(text):07d}" if text.isdigit() else None
-        if candidate is not None and candidate.is_dir():
-            return candidate
-    iterations = sorted((int(m.group(1)), p) for p in path.iterdir() if p.is_dir() and (m := ITER_DIR.match(p.name)))
-    if not iterations:
-        raise CheckpointError(f"{path}: not a Megatron checkpoint (no metadata.json and no iter_* directories)")
-    return iterations[-1][1]
+from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError
+from mimo_v2_flash.checkpoint.megatron_dirs import latest_iteration_dir
+from mimo_v2_flash.checkpoint.output_dirs import replace_directory, staging_dir
+from mimo_v2_flash.runtime.cpu_adaptations import cuda_absent
 
 
 def _barrier() -> None:
@@ -81,8 +60,8 @@ def load_megatron_checkpoint(
     """
     from megatron.bridge.training.model_load_save import load_megatron_model
 
-    from megatron.bridge.models.mimo_v2_flash.lora_checkpoint import apply_lora_adapters, find_lora_run
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import backend_settings
+    from mimo_v2_flash.conversion.lora_checkpoint import apply_lora_adapters, find_lora_run
 
     lora_run = find_lora_run(path)
     directory = latest_iteration_dir(lora_run.base_checkpoint if lora_run is not None else path)
@@ -197,8 +176,8 @@ def iter_hf_weights(path: str | Path, mapping_registry, lora=None, adapter_sink=
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
-    from megatron.bridge.models.mimo_v2_flash.inference import build_meta_model
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import backend_settings
+    from mimo_v2_flash.runtime.inference import build_meta_model
 
     directory = latest_iteration_dir(path)
     provider, _ = load_model_config(str(directory))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron.bridge.models.mimo_v2_flash.fp8_scale_layouts import (
+from mimo_v2_flash.checkpoint.fp8_scale_layouts import (
     FP8_DTYPE,
     FP8_MAX,
     Candidate,
@@ -29,8 +29,8 @@ from megatron.bridge.models.mimo_v2_flash.fp8_scale_layouts import (
     shadowed_v_rows,
     solo_candidates,
 )
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
-from megatron.bridge.models.mimo_v2_flash.reused_memory import RecycledStorages, ScratchBuffers
+from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
+from mimo_v2_flash.checkpoint.reused_memory import RecycledStorages, ScratchBuffers
 
 SCALE_SUFFIX = "_scale_inv"
 HALF_EXPONENT_SHIFT = 8  # float16's exponent bias 15 minus float8_e4m3fn's 7

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError, HFCheckpoint
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import (
+from mimo_v2_flash.checkpoint.fp8 import FP8_DTYPE, SCALE_SUFFIX, FP8Checkpoint
+from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint, count_mtp_layers
+from mimo_v2_flash.config import (
     SLIDING_ATTENTION,
     MiMoV2FlashArchitecture,
     MiMoV2FlashConfigError,
     parse_architecture,
 )
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_fp8 import FP8_DTYPE, SCALE_SUFFIX, FP8Checkpoint
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, FP8_DTYPE)
 
@@ -74,7 +74,6 @@ def expected_tensors(arch: MiMoV2FlashArchitecture, mtp_layers: int) -> dict[str
 
 def validate_checkpoint(checkpoint: HFCheckpoint) -> tuple[MiMoV2FlashArchitecture, int]:
     """Validate config and tensors; returns the architecture and the number of MTP layers."""
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_bridge import count_mtp_layers
 
     FP8Checkpoint(checkpoint)  # every FP8 weight has its scale and every scale its weight
     try:

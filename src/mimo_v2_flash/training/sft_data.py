@@ -76,17 +76,6 @@ def inspect_sft_file(path: str | Path) -> tuple[str, int]:
     return kind, count
 
 
-def preprocessing_for(kind: str):
-    """Megatron-Bridge's preprocessing for a record format (loss on the assistant turns / on the output)."""
-    from megatron.bridge.data.sft_processing import ChatSFTPreprocessingConfig, PromptCompletionSFTPreprocessingConfig
-
-    if kind == "chat":
-        return ChatSFTPreprocessingConfig(loss_mode="assistant")
-    return PromptCompletionSFTPreprocessingConfig(
-        prompt_column="input", completion_column="output", separator=" ", loss_mode="completion"
-    )
-
-
 def stage_sft_data(data_file: str | Path, dataset_root: str | Path) -> tuple[Path, str]:
     """Link ``data_file`` as ``dataset_root/training.jsonl`` after checking it; returns (root, format)."""
     data_file = Path(data_file).resolve()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from functools import cached_property
 from pathlib import Path, PurePosixPath
@@ -20,6 +21,7 @@ import torch
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MTP_KEY = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -38,6 +40,14 @@ SAFETENSORS_DTYPES = {
 
 class CheckpointError(ValueError):
     """An expected, user-facing problem with a checkpoint (reported as one line, no traceback)."""
+
+
+def count_mtp_layers(keys) -> int:
+    """Number of MTP layers in a checkpoint (the config does not record it): highest index + 1."""
+    indices = {int(match.group(1)) for key in keys if (match := MTP_KEY.match(key))}
+    if indices and indices != set(range(max(indices) + 1)):
+        raise ValueError(f"MTP layers are not numbered 0..N-1 (found {sorted(indices)})")
+    return len(indices)
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
@@ -119,7 +129,7 @@ class HFCheckpoint:
 
     @cached_property
     def config(self) -> dict:
-        from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashConfigError, load_config_dict
+        from mimo_v2_flash.config import MiMoV2FlashConfigError, load_config_dict
 
         try:
             return load_config_dict(self.directory)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from megatron.core import parallel_state
 
-from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import cuda_absent, cuda_literals_on_cpu
+from mimo_v2_flash.runtime.cpu_adaptations import cuda_absent, cuda_literals_on_cpu
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -82,6 +81,8 @@ def _device(model) -> torch.device:
 @torch.no_grad()
 def forward_logits(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
     """Logits ``[len(token_ids), vocab]`` (fp32) of one sequence's forward pass, on every rank."""
+    from megatron.core import parallel_state
+
     device = _device(model)
     ids = torch.tensor([token_ids], dtype=torch.long, device=device)
     positions = torch.arange(len(token_ids), device=device).unsqueeze(0)
@@ -92,6 +93,7 @@ def forward_logits(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor
 
 def _pipeline_forward_logits(model, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Forward through Megatron's pipeline schedule; the last stage's logits are broadcast to all stages."""
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     captured = {}

@@ -25,7 +25,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import divide, get_pg_rank
 from torch import Tensor
 
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import SLIDING_ATTENTION
+from mimo_v2_flash.config import SLIDING_ATTENTION
 
 SWA_ROPE_INDEX, FULL_ROPE_INDEX = 0, 1
 

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from megatron.bridge.models.mimo_v2_flash.fp8_scale_layouts import FP8_DTYPE, FP8_MAX, parse_kv_layout
+from mimo_v2_flash.checkpoint.fp8_scale_layouts import FP8_DTYPE, FP8_MAX, parse_kv_layout
 
 
 def quantize_blockwise(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

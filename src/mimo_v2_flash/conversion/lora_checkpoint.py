@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron.bridge.models.mimo_v2_flash.hf_checkpoint import CheckpointError
-from megatron.bridge.models.mimo_v2_flash.megatron_checkpoint import latest_iteration_dir
+from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError
+from mimo_v2_flash.checkpoint.megatron_dirs import latest_iteration_dir
 
 PEFT_PREFIX = "base_model.model."
 
@@ -157,7 +157,7 @@ def apply_lora_adapters(chunks: list[torch.nn.Module], run: LoraRun) -> list[tor
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
-    from megatron.bridge.models.mimo_v2_flash.cpu_adaptations import apply_peft_adaptations_without_te
+    from mimo_v2_flash.runtime.cpu_adaptations import apply_peft_adaptations_without_te
 
     apply_peft_adaptations_without_te()
     lora = LoRA(target_modules=list(run.target_modules), dim=run.dim, alpha=run.alpha, dropout=0.0)

@@ -7,7 +7,7 @@ TP to be a multiple of that count.
 
 from __future__ import annotations
 
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_config import MiMoV2FlashArchitecture, MiMoV2FlashConfigError
+from mimo_v2_flash.config import MiMoV2FlashArchitecture, MiMoV2FlashConfigError
 
 
 def _kv_heads_fit(kind: str, kv_heads: int, tp: int) -> None:

@@ -1,0 +1,1 @@
+"""HF <-> Megatron conversion: streaming import, HF export, LoRA adapter export, Megatron checkpoint access."""

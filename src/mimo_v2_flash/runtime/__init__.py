@@ -1,0 +1,1 @@
+"""Running Megatron here: process groups, inference helpers and the scoped adaptations for hosts without CUDA."""

@@ -1,0 +1,1 @@
+"""Fine-tuning orchestration: SFT data checks and the launcher behind ``finetune.sh``."""
