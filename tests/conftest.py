@@ -8,12 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from mimo_v2_flash_overlay import quiet_framework_logs
+from mimo_v2_flash.runtime.cpu_adaptations import cpu_runtime
+from mimo_v2_flash.runtime.framework_logs import quiet_framework_logs
 
-quiet_framework_logs()
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_host():
+    """Upstream code runs on this host for the whole session, as under the launchers (no-op with CUDA and TE);
+    the frameworks' import-time notices are not shown."""
+    with quiet_framework_logs(), cpu_runtime(training=True, peft=True) as applied:
+        yield applied
 
 
 @pytest.fixture(scope="session")

@@ -163,28 +163,3 @@ def install() -> None:
     """Put the overlay finder first on ``sys.meta_path`` (idempotent)."""
     if not any(isinstance(finder, MiMoV2FlashOverlayFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, MiMoV2FlashOverlayFinder())
-
-
-def quiet_framework_logs() -> None:
-    """Silence import-time noise from Megatron-Core / Megatron-Bridge (missing Apex/TE notices) in CLIs.
-
-    Call before the first ``megatron`` import; genuine errors still surface as exceptions.
-    """
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(megatron|modelopt)(\..*)?")
-    # torch.distributed.checkpoint notes that a single process loads without process groups: intended here.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\.checkpoint(\..*)?")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in (
-        "megatron.bridge.utils.import_utils",
-        "megatron.core",
-        "megatron.bridge",
-        "torch.utils.cpp_extension",
-    ):
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.ERROR)
-        # import_utils resets its own level to INFO when imported; a filter survives that.
-        logger.addFilter(lambda record: record.levelno >= logging.ERROR)

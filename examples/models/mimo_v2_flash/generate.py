@@ -16,7 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mimo_v2_flash_overlay import quiet_framework_logs
+from mimo_v2_flash.runtime.cpu_adaptations import cpu_runtime
+from mimo_v2_flash.runtime.framework_logs import quiet_framework_logs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    quiet_framework_logs()
+    with quiet_framework_logs(), cpu_runtime():
+        return generate(args)
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Load the model and print the continuation of the prompt."""
     import torch
 
     from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError

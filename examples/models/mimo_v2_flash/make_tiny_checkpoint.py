@@ -15,8 +15,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mimo_v2_flash_overlay import quiet_framework_logs
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -36,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.output.exists():
         print(f"error: {args.output} already exists", file=sys.stderr)
         return 2
-    quiet_framework_logs()
     from mimo_v2_flash.tiny_checkpoint import write_fp8_checkpoint, write_tiny_checkpoint
 
     args.output.parent.mkdir(parents=True, exist_ok=True)

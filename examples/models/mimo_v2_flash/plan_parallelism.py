@@ -16,8 +16,6 @@ import itertools
 import sys
 from pathlib import Path
 
-from mimo_v2_flash_overlay import quiet_framework_logs
-
 
 def _arch(args):
     from mimo_v2_flash.config import (
@@ -69,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--recommend", type=int, nargs="+", metavar="GPUS", help="search layouts for these GPU counts")
     args = parser.parse_args(argv)
-    quiet_framework_logs()
     from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError
     from mimo_v2_flash.config import MiMoV2FlashConfigError
     from mimo_v2_flash.planning.parallel_layout import check_parallel_layout

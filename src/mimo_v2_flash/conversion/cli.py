@@ -24,7 +24,8 @@ import os
 import sys
 from pathlib import Path
 
-from mimo_v2_flash_overlay import quiet_framework_logs
+from mimo_v2_flash.runtime.cpu_adaptations import cpu_runtime
+from mimo_v2_flash.runtime.framework_logs import quiet_framework_logs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     # faulting them in 4 KiB at a time cost more CPU than dequantizing them. PyTorch reads this at its first
     # allocation, so it is set before torch is imported.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    quiet_framework_logs()
+    with quiet_framework_logs(), cpu_runtime():
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command (inside the launcher's log and CPU-runtime scopes)."""
     import torch
 
     from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError

@@ -157,11 +157,11 @@ def apply_lora_adapters(chunks: list[torch.nn.Module], run: LoraRun) -> list[tor
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
-    from mimo_v2_flash.runtime.cpu_adaptations import apply_peft_adaptations_without_te
+    from mimo_v2_flash.runtime.cpu_adaptations import cpu_runtime
 
-    apply_peft_adaptations_without_te()
     lora = LoRA(target_modules=list(run.target_modules), dim=run.dim, alpha=run.alpha, dropout=0.0)
-    chunks = lora(chunks, training=False)
+    with cpu_runtime(peft=True):
+        chunks = lora(chunks, training=False)
     for chunk in chunks:
         sharded = {
             name: item

@@ -13,7 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
-from mimo_v2_flash_overlay import quiet_framework_logs
+from mimo_v2_flash.runtime.cpu_adaptations import cpu_runtime
+from mimo_v2_flash.runtime.framework_logs import quiet_framework_logs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", default="The quick brown fox", help="prompt text")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs logit difference allowed")
     args = parser.parse_args(argv)
-    quiet_framework_logs()
+    with quiet_framework_logs(), cpu_runtime():
+        return compare(args)
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Load both models and compare their logits; 0 when they agree within the tolerance."""
     import torch
     from transformers import AutoTokenizer, MiMoV2FlashForCausalLM
     from transformers.utils import logging as hf_logging

@@ -1,78 +1,218 @@
 """Everything that lets Megatron-Core / Megatron-Bridge code run where CUDA (or TransformerEngine) is absent.
 
-Nothing here does anything when CUDA is available. Configuration settings are preferred and live on the
-provider (local attention backend, fusions off, ``moe_token_dispatcher_type="allgather"``,
-``moe_grouped_gemm=False``, ``use_cpu_initialization``); what remains are call sites that ask CUDA for a device
-unconditionally. Each adaptation names the upstream place and the failure it avoids.
+Configuration comes first: the provider's ``CPU_MODEL_SETTINGS`` / ``LOCAL_BACKEND_SETTINGS`` and
+:func:`apply_cpu_training_settings` for the training configuration. What configuration cannot reach is patched,
+only inside :func:`cpu_runtime` (the launchers enter it; everything is restored on exit) and only where the
+condition of each patch holds. Before patching, each target is checked to exist, naming the version the patch was
+written against, so a renamed upstream attribute fails loudly instead of being silently added.
+
+Patch table: patch (condition; version written against) | upstream call site | failure it avoids.
+
+=============================================  ==================================================================
+``torch.cuda.current_device`` -> default       mcore ``moe/router.py`` (expert bias), ``multi_token_prediction.py``,
+device (no CUDA; torch 2.14)                   ``gpt_model.py``, ``rotary_pos_embedding.py`` | "Found no NVIDIA driver"
+``torch.cuda.get_rng_state`` -> empty state    MB ``training/checkpointing.py`` ``get_rng_state`` (every save) |
+(no CUDA; torch 2.14)                          "Found no NVIDIA driver"
+``torch.cuda.set_rng_state`` -> only the       MB ``training/checkpointing.py`` (load) | "Found no NVIDIA driver"
+empty state (no CUDA; torch 2.14)
+``torch.cuda.synchronize`` -> no-op            mcore ``dist_checkpointing/strategies/filesystem_async.py``
+(no CUDA; torch 2.14)                          ``preload_tensors``, ``timers.py`` | "Found no NVIDIA driver" on save
+``torch.Tensor.cuda`` -> the tensor itself     mcore ``language_module.py`` ``setup_embeddings_and_output_layer`` |
+(no CUDA; torch 2.14)                          "Found no NVIDIA driver" with PP and MTP or tied embeddings
+``cuda.Stream``, ``cuda.current_stream``,      MB ``training/models/dist_utils.py`` ``_ddp_wrap`` |
+``cuda.stream`` -> program order (no CUDA)     "CUDA driver version is insufficient"
+``setup.initialize_megatron`` -> with          MB 0.6.2 ``training/setup.py``; ``initialize.py`` asserts CUDA |
+``allow_no_cuda=True`` (training; no CUDA)     "Megatron requires CUDA"
+``initialize._warmup_jit_function`` ->         MB 0.6.2 ``set_jit_fusion_options`` warms fusions (off here) on
+nothing (training; no CUDA)                    ``device="cuda"`` tensors | "Found no NVIDIA driver"
+``initialize._set_random_seed`` -> then the    MB 0.6.2 seeds the model-parallel RNG tracker only with CUDA |
+CPU RNG tracker (training; no CUDA)            "cuda rng state model-parallel-rng is not added"
+``optimizer.clip_grad_by_total_norm_fp32`` ->  mcore 0.19 ``optimizer/clip_grads.py`` asserts
+the same scaling (training; no CUDA)           ``torch.cuda.FloatTensor`` grads | ``AssertionError`` (clip_grad > 0)
+``initialize.compile_helpers`` -> nothing      MB 0.6.2 ``initialize_megatron`` runs ``make`` in megatron-core |
+(training; prebuilt helpers, any host)         ``make`` fails: the wheel ships the extension, no Makefile
+``utils.HAVE_TE``, ``module_matcher.HAVE_TE``  MB 0.6.2 ``peft/utils.py``, ``module_matcher.py`` test mcore's TE
+``module_matcher.HAVE_TE_COL_LINEAR``,         placeholders | "isinstance() arg 2 must be a type"
+``module_matcher.HAVE_TE_LN_COL_LINEAR``,
+``module_matcher.HAVE_TE_ROW_LINEAR`` -> False
+(LoRA; no TransformerEngine)
+=============================================  ==================================================================
+
+Pipeline schedules also create tensors with a literal ``device="cuda"``; :func:`cuda_literals_on_cpu` rewrites
+those within its block (a torch-function mode, entered around the schedule only).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.util
-import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 
+class UpstreamChanged(RuntimeError):
+    """A patch's upstream target is missing: the installed version differs from the one the patch was made for."""
+
+
 def cuda_absent() -> bool:
-    """True on machines without a usable CUDA device (the only case where adaptations apply)."""
+    """True on machines without a usable CUDA device (where the CPU adaptations apply)."""
     return not torch.cuda.is_available()
 
 
-def _cpu_current_device() -> torch.device:
-    # The default device: the CPU, or "meta" inside a ``torch.device("meta")`` model-building context.
-    return torch.get_default_device()
+def transformer_engine_absent() -> bool:
+    """True where TransformerEngine is not installed (Megatron-Core then puts placeholders in its TE classes)."""
+    return importlib.util.find_spec("transformer_engine") is None
 
 
-@functools.cache
-def apply_cpu_adaptations() -> bool:
-    """Apply the adaptations if CUDA is absent; returns whether they were applied (idempotent).
+def _without_cuda() -> bool:
+    return cuda_absent()  # looked up at call time, so a test can simulate either host
 
-    ``torch.cuda.current_device`` -> the default device (the CPU; "meta" while a model is built on meta).
-    Without CUDA it raises ``RuntimeError: Found no NVIDIA driver``; Megatron-Core calls it unconditionally
-    for tensor placement in:
-    ``transformer/moe/router.py`` (``TopKRouter.__init__`` expert-bias buffers, ``Router.gating`` moving the
-    weight), ``transformer/multi_token_prediction.py`` (``roll_tensor`` receive buffers, MTP loss tracker),
-    ``models/gpt/gpt_model.py`` (static-inference ``sequence_len_offset``) and
-    ``models/common/embeddings/rotary_pos_embedding.py`` (``inv_freq`` placement without
-    ``use_cpu_initialization``). In those places the returned value is only used as a ``device=`` argument, so
-    the default device is the faithful answer; with CUDA present the function is left untouched.
 
-    ``torch.cuda.get_rng_state`` / ``set_rng_state`` -> an empty state / a no-op for that empty state.
-    ``megatron/bridge/training/checkpointing.py`` (``get_rng_state``, called by every ``save_checkpoint``,
-    including ``model_load_save.save_megatron_model``) records the CUDA RNG state unconditionally and fails with
-    ``Found no NVIDIA driver``. Without CUDA there is no CUDA RNG, so its faithful state is empty; restoring
-    anything but that empty state still raises.
+def _without_transformer_engine() -> bool:
+    return transformer_engine_absent()
 
-    ``torch.cuda.synchronize`` -> no-op. ``megatron/core/dist_checkpointing/strategies/filesystem_async.py``
-    (``preload_tensors``, every distributed-checkpoint save) and ``megatron/core/timers.py`` synchronize the
-    device unconditionally; with no CUDA stream there is nothing to wait for.
 
-    ``torch.Tensor.cuda`` -> the tensor itself. ``megatron/core/models/common/language_module/language_module.py``
-    (``setup_embeddings_and_output_layer``) moves the embedding copy shared across pipeline stages (pipeline
-    parallelism with MTP or tied embeddings) with ``weight.data.cuda()`` before its all-reduce, which raises
-    without a driver; the CPU tensor is where the data already lives.
+def prebuilt_dataset_helpers() -> bool:
+    """Megatron-Core's dataset helper extension is built (the wheel ships it); nothing needs compiling."""
+    return importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is not None
 
-    ``torch.cuda.Stream`` / ``current_stream`` / ``stream`` -> a stream that orders nothing and its no-op context.
-    ``megatron/training/models/dist_utils.py`` (``_ddp_wrap``, every training run) wraps the model in DDP inside
-    ``with torch.cuda.stream(torch.cuda.Stream())`` after ``wait_stream(torch.cuda.current_stream())``; creating a
-    stream fails with "CUDA driver version is insufficient". CPU work runs in program order, so there is nothing
-    for a stream to order.
+
+def _helpers_prebuilt() -> bool:
+    return prebuilt_dataset_helpers()
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One attribute replaced inside :func:`cpu_runtime`; ``make`` builds the replacement from the original."""
+
+    owner: str
+    name: str
+    make: Callable[[object], object]
+    applies: Callable[[], bool]
+    tested: str
+
+    def resolve(self) -> object:
+        """The object holding the attribute; raises :class:`UpstreamChanged` if it or the attribute is missing."""
+        module, _, attribute = self.owner.partition(":")
+        try:
+            owner = importlib.import_module(module)
+        except ImportError as error:
+            raise UpstreamChanged(f"{self.owner}: cannot import {module} (patch written for {self.tested})") from error
+        for part in filter(None, attribute.split(".")):
+            owner = getattr(owner, part)
+        if not hasattr(owner, self.name):
+            raise UpstreamChanged(f"{self.owner}.{self.name} not found (patch written for {self.tested})")
+        return owner
+
+
+def _constant(value) -> Callable[[object], object]:
+    return lambda original: value
+
+
+def _seed_then_cpu_tracker(upstream_set_random_seed):
+    def set_random_seed_with_cpu_tracker(*args, **kwargs) -> None:
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        upstream_set_random_seed(*args, **kwargs)
+        model_parallel_cuda_manual_seed(torch.initial_seed(), inference_rng_tracker=True)
+
+    return set_random_seed_with_cpu_tracker
+
+
+TORCH = "torch 2.14"
+MCORE = "megatron-core 0.19"
+MBRIDGE = "megatron-bridge 0.6.2"
+TORCH_PATCHES = (
+    Patch("torch.cuda", "current_device", _constant(lambda: torch.get_default_device()), _without_cuda, TORCH),
+    Patch("torch.cuda", "get_rng_state", _constant(lambda device="cuda": torch.empty(0, dtype=torch.uint8)),
+          _without_cuda, TORCH),
+    Patch("torch.cuda", "set_rng_state", lambda original: _restore_empty_cuda_rng_state, _without_cuda, TORCH),
+    Patch("torch.cuda", "synchronize", _constant(lambda device=None: None), _without_cuda, TORCH),
+    Patch("torch:Tensor", "cuda", lambda original: _stay_on_cpu, _without_cuda, TORCH),
+    Patch("torch.cuda", "Stream", lambda original: _ProgramOrder, _without_cuda, TORCH),
+    Patch("torch.cuda", "current_stream", lambda original: _ProgramOrder, _without_cuda, TORCH),
+    Patch("torch.cuda", "stream", lambda original: _in_program_order, _without_cuda, TORCH),
+)  # fmt: skip
+TRAINING_PATCHES = (
+    Patch("megatron.bridge.training.setup", "initialize_megatron",
+          lambda original: functools.partial(original, allow_no_cuda=True), _without_cuda, MBRIDGE),
+    Patch("megatron.bridge.training.initialize", "_warmup_jit_function",
+          _constant(lambda model_config, micro_batch_size: None), _without_cuda, MBRIDGE),
+    Patch("megatron.bridge.training.initialize", "_set_random_seed", _seed_then_cpu_tracker, _without_cuda, MBRIDGE),
+    Patch("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32",
+          lambda original: _clip_cpu_grads_by_total_norm, _without_cuda, MCORE),
+    Patch("megatron.bridge.training.initialize", "compile_helpers", _constant(lambda: None),
+          _helpers_prebuilt, MBRIDGE),
+)  # fmt: skip
+PEFT_PATCHES = tuple(
+    Patch(module, flag, _constant(False), _without_transformer_engine, MBRIDGE)
+    for module, flags in (
+        ("megatron.bridge.peft.utils", ("HAVE_TE",)),
+        ("megatron.bridge.peft.module_matcher",
+         ("HAVE_TE", "HAVE_TE_COL_LINEAR", "HAVE_TE_LN_COL_LINEAR", "HAVE_TE_ROW_LINEAR")),
+    )
+    for flag in flags
+)  # fmt: skip
+
+_MISSING = object()
+_active: dict[tuple[str, str], list] = {}  # (owner, name) -> [depth, owner object, own value or _MISSING]
+
+
+@contextlib.contextmanager
+def patched(patches: tuple[Patch, ...]) -> Iterator[list[Patch]]:
+    """Apply the patches whose condition holds; undo them on exit (nested entries are counted, not re-applied)."""
+    entered: list[tuple[str, str]] = []
+    applied: list[Patch] = []
+    try:
+        for patch in patches:
+            if not patch.applies():
+                continue
+            key = (patch.owner, patch.name)
+            if key not in _active:
+                owner = patch.resolve()
+                original = getattr(owner, patch.name)
+                _active[key] = [0, owner, vars(owner).get(patch.name, _MISSING)]
+                setattr(owner, patch.name, patch.make(original))
+            _active[key][0] += 1
+            entered.append(key)
+            applied.append(patch)
+        yield applied
+    finally:
+        for key in reversed(entered):
+            state = _active[key]
+            state[0] -= 1
+            if state[0] == 0:
+                del _active[key]
+                _, owner, own = state
+                if own is _MISSING:
+                    delattr(owner, key[1])
+                else:
+                    setattr(owner, key[1], own)
+
+
+@contextlib.contextmanager
+def cpu_runtime(training: bool = False, peft: bool = False) -> Iterator[list[Patch]]:
+    """Within the block, upstream code runs on this host: the patches of the module table whose condition holds.
+
+    Args:
+        training: also Megatron-Bridge's training set-up (``setup``, ``initialize``, the optimizer's clipping).
+        peft: also Megatron-Bridge's LoRA without TransformerEngine.
+
+    Yields the patches applied (none on a CUDA host with TransformerEngine, apart from ``compile_helpers``).
     """
-    if not cuda_absent():
-        return False
-    torch.cuda.Stream = _ProgramOrder
-    torch.cuda.current_stream = _ProgramOrder
-    torch.cuda.stream = _in_program_order
-    torch.cuda.current_device = _cpu_current_device
-    torch.cuda.get_rng_state = _empty_cuda_rng_state
-    torch.cuda.set_rng_state = _restore_empty_cuda_rng_state
-    torch.cuda.synchronize = _nothing_to_synchronize
-    torch.Tensor.cuda = _stay_on_cpu
-    return True
+    patches = TORCH_PATCHES + (TRAINING_PATCHES if training else ()) + (PEFT_PATCHES if peft else ())
+    with patched(patches) as applied:
+        yield applied
+
+
+def active_patches() -> list[str]:
+    """``owner.name`` of every patch in effect now (for tests and diagnostics)."""
+    return [f"{owner}.{name}" for owner, name in _active]
 
 
 class _ProgramOrder:
@@ -106,39 +246,9 @@ def _stay_on_cpu(self: torch.Tensor, device=None, non_blocking: bool = False, **
     return self
 
 
-def _nothing_to_synchronize(device=None) -> None:
-    return None
-
-
-def _empty_cuda_rng_state(device="cuda") -> torch.Tensor:
-    return torch.empty(0, dtype=torch.uint8)
-
-
 def _restore_empty_cuda_rng_state(new_state: torch.Tensor, device="cuda") -> None:
     if new_state.numel():
         raise RuntimeError("cannot restore a CUDA RNG state on a machine without CUDA")
-
-
-def init_single_process_group(backend: str | None = None) -> None:
-    """Start the default process group: from torchrun's environment, or a private one-rank group otherwise.
-
-    gloo without CUDA, nccl with it. The one-rank group listens on a free loopback port passed explicitly, so
-    nothing is exported to child processes' environment.
-    """
-    if torch.distributed.is_initialized():
-        return
-    backend = backend or ("gloo" if cuda_absent() else "nccl")
-    if not cuda_absent():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-        torch.distributed.init_process_group(backend=backend)
-        return
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    torch.distributed.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def _is_cuda(device) -> bool:
@@ -214,55 +324,6 @@ def apply_cpu_training_settings(cfg) -> bool:
     return True
 
 
-@functools.cache
-def apply_cpu_training_adaptations() -> bool:
-    """The call sites of Megatron-Bridge's training set-up that require CUDA, adapted where it is absent.
-
-    ``megatron/bridge/training/setup.py`` calls ``initialize_megatron(cfg, ...)`` without ``allow_no_cuda``, and
-    ``training/initialize.py`` then asserts ``torch.cuda.is_available()`` ("Megatron requires CUDA"): the
-    setting exists but ``setup`` does not expose it, so ``setup``'s reference is rebound to pass
-    ``allow_no_cuda=True``.
-
-    ``training/initialize.py`` ``_warmup_jit_function`` (called by ``set_jit_fusion_options`` on every set-up)
-    warms the bias-GeLU / bias-dropout-add fusions on tensors created with ``device="cuda"``, which fails
-    without a driver; with fusions off (the provider's setting) there is nothing to warm, so it is skipped.
-
-    ``training/initialize.py`` ``_set_random_seed`` seeds Megatron-Core's model-parallel RNG tracker only when
-    ``torch.cuda.device_count() > 0``; model building then fails in ``tensor_parallel/random.py`` ``fork``
-    ("cuda rng state model-parallel-rng is not added"). After the upstream seeding, the tracker is set up the
-    way it works without CUDA: the inference tracker, whose ``fork`` keeps the CPU generator, seeded as
-    upstream seeded torch's.
-
-    Returns whether the adaptations were applied (only without CUDA; idempotent).
-    """
-    if not cuda_absent():
-        return False
-    from megatron.bridge.training import initialize, setup
-
-    upstream_initialize = setup.initialize_megatron
-    setup.initialize_megatron = functools.partial(upstream_initialize, allow_no_cuda=True)
-    initialize._warmup_jit_function = _no_fusions_to_warm_up
-    upstream_set_random_seed = initialize._set_random_seed
-
-    def set_random_seed_with_cpu_tracker(*args, **kwargs) -> None:
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-        upstream_set_random_seed(*args, **kwargs)
-        model_parallel_cuda_manual_seed(torch.initial_seed(), inference_rng_tracker=True)
-
-    initialize._set_random_seed = set_random_seed_with_cpu_tracker
-
-    from megatron.core.optimizer import optimizer
-
-    # core/optimizer/clip_grads.py clip_grad_by_total_norm_fp32 asserts every gradient is a
-    # torch.cuda.FloatTensor before scaling it; the optimizer's step calls it whenever clip_grad > 0.
-    assert hasattr(optimizer, "clip_grad_by_total_norm_fp32"), (
-        "megatron-core 0.19: optimizer.clip_grad_by_total_norm_fp32"
-    )
-    optimizer.clip_grad_by_total_norm_fp32 = _clip_cpu_grads_by_total_norm
-    return True
-
-
 def _clip_cpu_grads_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad: bool = False) -> None:
     """Upstream's clipping (scale every gradient by ``max_norm / (total_norm + 1e-6)`` when below 1) for CPU
     gradients; the norm itself is upstream's ``get_grad_norm_fp32`` (its ``device="cuda"`` literals are
@@ -277,35 +338,3 @@ def _clip_cpu_grads_by_total_norm(parameters, max_norm, total_norm, use_decouple
         grad = getattr(parameter, attribute, None)
         if grad is not None:
             grad.detach().mul_(coefficient)
-
-
-def _no_fusions_to_warm_up(model_config, micro_batch_size: int) -> None:
-    return None
-
-
-def transformer_engine_absent() -> bool:
-    """True where TransformerEngine is not installed (Megatron-Core then puts placeholders in its TE classes)."""
-    return importlib.util.find_spec("transformer_engine") is None
-
-
-@functools.cache
-def apply_peft_adaptations_without_te() -> bool:
-    """Megatron-Bridge's LoRA without TransformerEngine: its TE checks must say False.
-
-    ``megatron/core/extensions/transformer_engine.py`` defines placeholder (mock) TE classes when TE is
-    missing, so ``megatron/bridge/peft/utils.py`` and ``peft/module_matcher.py`` import them "successfully" and
-    set ``HAVE_TE = True``; ``get_adapter_attributes_from_linear`` then calls ``isinstance`` with a mock (or
-    ``None``) and fails with "isinstance() arg 2 must be a type". The flags are set to what is true: no TE.
-
-    Returns whether the adaptation was applied (only without TransformerEngine; idempotent).
-    """
-    if not transformer_engine_absent():
-        return False
-    from megatron.bridge.peft import module_matcher, utils
-
-    utils.HAVE_TE = False
-    module_matcher.HAVE_TE = False
-    module_matcher.HAVE_TE_COL_LINEAR = module_matcher.HAVE_TE_LN_COL_LINEAR = module_matcher.HAVE_TE_ROW_LINEAR = (
-        False
-    )
-    return True

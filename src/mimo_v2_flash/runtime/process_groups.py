@@ -3,24 +3,44 @@
 from __future__ import annotations
 
 import atexit
+import os
+import socket
 
 import torch
 
-from mimo_v2_flash.runtime.cpu_adaptations import (
-    apply_cpu_adaptations,
-    cuda_absent,
-    init_single_process_group,
-)
+from mimo_v2_flash.runtime.cpu_adaptations import cuda_absent
+
+
+def init_single_process_group(backend: str | None = None) -> None:
+    """Start the default process group: from torchrun's environment, or a private one-rank group otherwise.
+
+    gloo without CUDA, nccl with it. The one-rank group listens on a free loopback port passed explicitly, so
+    nothing is exported to child processes' environment.
+    """
+    if torch.distributed.is_initialized():
+        return
+    backend = backend or ("gloo" if cuda_absent() else "nccl")
+    if not cuda_absent():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        torch.distributed.init_process_group(backend=backend)
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.distributed.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
 def initialize_parallel_state(
     tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, vp: int | None = None, seed: int = 1234
 ) -> None:
-    """Initialize torch.distributed and Megatron's model-parallel groups (idempotent for the same layout)."""
+    """Initialize torch.distributed and Megatron's model-parallel groups (idempotent for the same layout).
+
+    Without CUDA, call it inside ``cpu_adaptations.cpu_runtime()`` (model building asks CUDA for a device).
+    """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    apply_cpu_adaptations()
     if not torch.distributed.is_initialized():
         # A gloo group still alive at interpreter exit can abort the process after its work is done.
         atexit.register(shutdown_parallel_state)
@@ -47,27 +67,6 @@ def shutdown_parallel_state() -> None:
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-def use_prebuilt_dataset_helpers() -> None:
-    """Keep Megatron-Bridge's training set-up from rebuilding Megatron-Core's dataset helpers.
-
-    ``megatron/bridge/training/initialize.py`` ``initialize_megatron`` calls
-    ``megatron.core.datasets.utils.compile_helpers``, which runs ``make`` in the installed package; the
-    megatron-core wheel ships the built ``helpers_cpp`` extension but no Makefile, so ``make`` fails and the
-    job exits. Where the built extension imports, there is nothing to compile (with or without CUDA); a source
-    checkout without it still compiles.
-    """
-    import importlib.util
-
-    from megatron.bridge.training import initialize
-
-    if importlib.util.find_spec("megatron.core.datasets.helpers_cpp") is not None:
-        initialize.compile_helpers = _helpers_already_built
-
-
-def _helpers_already_built() -> None:
-    return None
 
 
 def shutdown_at_exit() -> None:

@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mimo_v2_flash_overlay import quiet_framework_logs
+from mimo_v2_flash.runtime.framework_logs import quiet_framework_logs
 
 TORCHRUN_VARIABLES = (
     "RANK",
@@ -264,15 +264,15 @@ def print_config(args: argparse.Namespace, overrides: list[str], backend: str) -
 
     from megatron.bridge.training.model_load_save import load_model_config
 
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_bridge import count_mtp_layers, provider_from_architecture
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import apply_host_settings
-    from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_bridge import provider_from_architecture
+    from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, count_mtp_layers
     from mimo_v2_flash.checkpoint.megatron_dirs import latest_iteration_dir
     from mimo_v2_flash.config import (
         MiMoV2FlashConfigError,
         load_config_dict,
         parse_architecture,
     )
+    from mimo_v2_flash.runtime.cpu_adaptations import apply_cpu_training_settings
 
     output = args.output.resolve()
     try:
@@ -296,7 +296,7 @@ def print_config(args: argparse.Namespace, overrides: list[str], backend: str) -
         print(f"finetune: {error}", file=sys.stderr)
         return 2
     if args.backend != "te":
-        apply_host_settings(cfg)
+        apply_cpu_training_settings(cfg)
     if not apply_overrides(cfg, overrides):
         return 2
     cfg.print_yaml()
@@ -310,29 +310,21 @@ def main(argv: list[str] | None = None, default_data: Path | None = None) -> int
     if unknown:
         print(f"finetune: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
         return 2
-    quiet_framework_logs()
+    with quiet_framework_logs():
+        return run(args, overrides)
+
+
+def run(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Check the inputs, then print the configuration or train (inside the launcher's scopes)."""
     problem = preflight(args)
     if problem is not None:
         print(f"finetune: {problem}", file=sys.stderr)
         return 2
     if args.preflight:
         return 0 if args.print_config else launcher_preflight(args)
-    from megatron.bridge.training.finetune import finetune
-
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import transformer_engine_usable
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_recipe import apply_host_settings
-    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_step import forward_step
-    from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError
-    from mimo_v2_flash.config import MiMoV2FlashConfigError
-    from mimo_v2_flash.runtime.cpu_adaptations import (
-        apply_cpu_adaptations,
-        apply_cpu_training_adaptations,
-        apply_peft_adaptations_without_te,
-        cuda_literals_on_cpu,
-        init_single_process_group,
-    )
-    from mimo_v2_flash.runtime.process_groups import shutdown_at_exit, use_prebuilt_dataset_helpers
-    from mimo_v2_flash.training.sft_data import SFTDataError
+    from mimo_v2_flash.runtime.cpu_adaptations import cpu_runtime
+    from mimo_v2_flash.runtime.process_groups import init_single_process_group
 
     backend = args.backend
     if backend == "auto":
@@ -342,11 +334,22 @@ def main(argv: list[str] | None = None, default_data: Path | None = None) -> int
         return 2
     if args.print_config:
         return print_config(args, overrides, backend)
-    apply_cpu_adaptations()
-    apply_cpu_training_adaptations()
-    apply_peft_adaptations_without_te()
-    use_prebuilt_dataset_helpers()
-    init_single_process_group()
+    with cpu_runtime(training=True, peft=True):
+        init_single_process_group()
+        return train(args, overrides, backend)
+
+
+def train(args: argparse.Namespace, overrides: list[str], backend: str) -> int:
+    """Prepare the pretrained checkpoint, tokenizer and data on rank 0, then run Megatron-Bridge's fine-tuning."""
+    from megatron.bridge.training.finetune import finetune
+
+    from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_step import forward_step
+    from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError
+    from mimo_v2_flash.config import MiMoV2FlashConfigError
+    from mimo_v2_flash.runtime.cpu_adaptations import apply_cpu_training_settings, cuda_literals_on_cpu
+    from mimo_v2_flash.runtime.process_groups import shutdown_at_exit
+    from mimo_v2_flash.training.sft_data import SFTDataError
+
     shutdown_at_exit()
     output = args.output.resolve()
     try:
@@ -358,7 +361,7 @@ def main(argv: list[str] | None = None, default_data: Path | None = None) -> int
     except (CheckpointError, MiMoV2FlashConfigError, SFTDataError) as error:
         print(f"finetune: {error}", file=sys.stderr)
         return 2
-    apply_host_settings(cfg)
+    apply_cpu_training_settings(cfg)
     if not apply_overrides(cfg, overrides):
         return 2
     with cuda_literals_on_cpu():
