@@ -16,14 +16,15 @@ fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.mimo_v2_flash_installed
-want="$(sha256sum pyproject.toml setup.sh | sha256sum | cut -d' ' -f1)"
+want="$(sha256sum pyproject.toml constraints.txt setup.sh | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "== installing into .venv (first run takes a few minutes)"
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[dev]"
-  # Packages whose declared dependencies cannot install here; pinned in pyproject.toml [tool.mimo_v2_flash].
+  # Exactly the set CI tests (constraints.txt) within the ranges pyproject.toml declares.
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+  # Packages whose declared dependencies cannot install here: pyproject.toml [tool.mimo_v2_flash] no-deps.
   nodeps=$(.venv/bin/python -c "import tomllib;print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['mimo_v2_flash']['no-deps']))")
-  .venv/bin/python -m pip install --quiet --no-deps $nodeps
+  .venv/bin/python -m pip install --quiet --no-deps -c constraints.txt $nodeps
   .venv/bin/python -c "import megatron.bridge.models.mimo_v2_flash as m; print('overlay active:', m.__file__)"
   echo "$want" > "$stamp"
 else

@@ -6,10 +6,13 @@ gaps) and ``megatron/bridge/models/__init__.py`` imports it, which registers tha
 behind and break on reinstall, so instead a meta-path finder, installed at interpreter start-up by
 ``zz_mimo_v2_flash_overlay.pth`` (shipped in this project's wheel), answers these module names:
 
-* ``megatron.bridge.models.mimo_v2_flash`` and its submodules resolve to
-  ``src/megatron/bridge/models/mimo_v2_flash`` of this repository. Everything that imports the upstream
+* ``megatron.bridge.models.mimo_v2_flash`` and its submodules resolve to this project's model package:
+  ``src/megatron/bridge/models/mimo_v2_flash`` of a source tree (editable install), or the copy the wheel ships
+  as ``mimo_v2_flash_overlay/model_package`` (the wheel ships nothing under ``megatron/``, so installing,
+  reinstalling or uninstalling either distribution never touches the other's files). Everything that imports the upstream
   name (including ``megatron.bridge.models``' own import, hence the bridge registry and ``AutoBridge``)
-  gets our code; upstream's files are never executed.
+  gets our code; upstream's files are never executed. ``MIMO_V2_FLASH_OVERLAY=0`` turns this redirection off
+  (upstream's package loads, to compare with it); the stand-ins below stay.
 * ``megatron.bridge.peft.lora_layers`` imports ``transformer_engine.pytorch`` unconditionally, so
   ``import megatron.bridge`` fails without TransformerEngine. When TE is not importable, that one module
   is executed with an ``__import__`` that hands it an inert stand-in for ``transformer_engine``; nothing
@@ -25,13 +28,25 @@ import builtins
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import types
 from pathlib import Path
 from typing import Any
 
 OVERLAID_PACKAGE = "megatron.bridge.models.mimo_v2_flash"
-PACKAGE_DIR = Path(__file__).resolve().parent.parent / "megatron" / "bridge" / "models" / "mimo_v2_flash"
+SWITCH = "MIMO_V2_FLASH_OVERLAY"
+"""Set to ``0`` to load upstream's ``megatron.bridge.models.mimo_v2_flash`` (to compare with it)."""
+
+
+def _package_dir() -> Path:
+    """The model package's files: shipped inside this package by the wheel, or the source tree's."""
+    here = Path(__file__).resolve().parent
+    shipped = here / "model_package"
+    return shipped if shipped.is_dir() else here.parent / "megatron" / "bridge" / "models" / "mimo_v2_flash"
+
+
+PACKAGE_DIR = _package_dir()
 
 
 def package_available(name: str) -> bool:
@@ -134,7 +149,7 @@ class MiMoV2FlashOverlayFinder(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
         if fullname == OVERLAID_PACKAGE or fullname.startswith(OVERLAID_PACKAGE + "."):
-            return self._overlay_spec(fullname)
+            return None if os.environ.get(SWITCH) == "0" else self._overlay_spec(fullname)
         if fullname in CONFINED_STAND_INS:
             package, factory = CONFINED_STAND_INS[fullname]
             if package_available(package):
