@@ -25,12 +25,18 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
 
 
-def step(title: str, command: list[str]) -> None:
+def step(title: str, command: list[str], log: Path) -> None:
+    """Run one command line: print it and its result; its full output goes to ``log``."""
     print(f"\n== {title}\n$ {' '.join(command)}", flush=True)
     start = time.perf_counter()
-    if subprocess.run(command).returncode != 0:
-        raise SystemExit(f"demo failed at step: {title}")
-    print(f"   ({time.perf_counter() - start:.1f} s)", flush=True)
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with log.open("a") as out:
+        out.write(f"\n== {title}\n$ {' '.join(command)}\n{done.stdout}")
+    lines = [line.strip() for line in done.stdout.replace("\r", "\n").splitlines() if line.strip()]
+    if done.returncode != 0:
+        print("\n".join(lines[-15:]), file=sys.stderr)
+        raise SystemExit(f"demo failed at step: {title} (full log: {log})")
+    print(f"   {lines[-1] if lines else 'done'}  ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
 def main() -> int:
@@ -42,10 +48,14 @@ def main() -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     python = sys.executable
+    log = work / "demo.log"
+    print(f"full log of every step: {log}")
     hf_dir, megatron_dir, export_dir = work / "tiny_fp8_hf", work / "tiny_megatron", work / "tiny_export_hf"
 
     step(
-        "1. tiny FP8 HF checkpoint", [python, str(HERE / "make_tiny_checkpoint.py"), "--output", str(hf_dir), "--fp8"]
+        "1. tiny FP8 HF checkpoint",
+        [python, str(HERE / "make_tiny_checkpoint.py"), "--output", str(hf_dir), "--fp8"],
+        log,
     )
     step(
         "2. import HF -> Megatron",
@@ -58,6 +68,7 @@ def main() -> int:
             "--megatron-path",
             str(megatron_dir),
         ],
+        log,
     )
     step(
         "3. generate from the Megatron checkpoint",
@@ -73,6 +84,7 @@ def main() -> int:
             "--dump-logits",
             str(work / "megatron_logits.safetensors"),
         ],
+        log,
     )
     step(
         "4. export Megatron -> HF BF16",
@@ -87,6 +99,7 @@ def main() -> int:
             "--hf-path",
             str(export_dir),
         ],
+        log,
     )
     step(
         "5. transformers loads the export; logits agree with Megatron",
@@ -100,24 +113,28 @@ def main() -> int:
             "--megatron-path",
             str(megatron_dir),
         ],
+        log,
     )
     finetune_dir, finetuned_hf = work / "tiny_finetune", work / "tiny_finetuned_hf"
     step(
         "6. fine-tune (Megatron-Bridge's loop, LM + MTP loss)",
         ["bash", str(HERE / "finetune.sh"), "--hf-model", str(hf_dir), "--output", str(finetune_dir)]
         + ["--train-iters", "30", "--seq-length", "64", "--lr", "3e-3"],
+        log,
     )
     step(
         "7. export the fine-tuned model (fp32: it was trained in fp32 on the CPU)",
         [python, str(HERE / "convert_checkpoints.py"), "export", "--hf-model", str(hf_dir)]
         + ["--megatron-path", str(finetune_dir), "--hf-path", str(finetuned_hf), "--dtype", "float32"],
+        log,
     )
     step(
         "8. transformers loads the fine-tuned export; logits agree with the fine-tuned Megatron model",
         [python, str(HERE / "compare_logits.py"), "--hf-model", str(finetuned_hf)]
         + ["--megatron-path", str(finetune_dir)],
+        log,
     )
-    print(f"\ndemo finished: outputs in {work}")
+    print(f"\ndemo finished: outputs in {work}, full log in {log}")
     return 0
 
 

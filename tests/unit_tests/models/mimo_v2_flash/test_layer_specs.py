@@ -167,3 +167,14 @@ def test_sinks_are_initialized_and_marked_split_over_tensor_parallel_ranks(tiny_
     for name, sink in sinks:
         assert torch.isfinite(sink).all() and sink.std() > 0, name
         assert sink.tensor_model_parallel and sink.partition_dim == 0 and sink.partition_stride == 1, name
+
+
+def test_provide_keeps_upstream_checks(parallel_state, tiny_hf_dir):
+    """``provide`` delegates to ``GPTModelProvider.provide``: its CUDA-graph check runs for MiMo too."""
+    from megatron.bridge import AutoBridge
+
+    provider = AutoBridge.from_hf_pretrained(str(tiny_hf_dir)).to_megatron_provider(load_weights=False)
+    provider.use_transformer_engine = False
+    provider.cuda_graph_impl = "local"
+    with pytest.raises(ValueError, match="cuda_graph_impl"):  # upstream validate_cuda_graph_configuration
+        provider.provide()

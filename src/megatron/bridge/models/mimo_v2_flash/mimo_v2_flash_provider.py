@@ -10,14 +10,7 @@ from types import SimpleNamespace
 
 import torch
 from megatron.bridge.models.gpt_provider import GPTModelProvider
-from megatron.bridge.utils.vocab_utils import calculate_padded_vocab_size
 from megatron.core.models.gpt import GPTModel as MCoreGPTModel
-from megatron.core.pipeline_parallel.utils import (
-    is_pp_first_stage,
-    is_pp_last_stage,
-    is_vp_first_stage,
-    is_vp_last_stage,
-)
 from megatron.core.transformer import ModuleSpec
 
 from megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.attention import MiMoV2FlashRotaryEmbedding
@@ -207,41 +200,17 @@ class MiMoV2FlashModelProvider(GPTModelProvider):
         )
 
     def provide(self, pre_process=None, post_process=None, vp_stage=None) -> MCoreGPTModel:
-        """Build the Megatron-Core GPT model with MiMo attention, dual-base RoPE and the dense-SWA MTP block."""
+        """Upstream's GPT model with MiMo's MTP block (dense SWA layers) and dual-base rotary embedding.
+
+        Delegates to ``GPTModelProvider.provide`` (vocabulary padding, pipeline stages, sequence-parallel embedding
+        scatter, fusion and CUDA-graph checks, the full-TE-layer groups) and swaps only what MiMo needs.
+        """
         self.resolve_backend()
         self.validate_mimo_layout()
-        layer_spec = self.transformer_layer_spec
-        if not isinstance(layer_spec, ModuleSpec):
-            layer_spec = layer_spec(self, vp_stage=vp_stage)
-        vocab_size = self.vocab_size
-        if self.should_pad_vocab:
-            vocab_size = calculate_padded_vocab_size(
-                self.vocab_size, self.make_vocab_size_divisible_by, self.tensor_model_parallel_size
-            )
-        vp_size = self.virtual_pipeline_model_parallel_size
-        if pre_process is None:
-            pre_process = is_vp_first_stage(vp_stage, vp_size) and is_pp_first_stage(self._pg_collection.pp)
-        if post_process is None:
-            post_process = is_vp_last_stage(vp_stage, vp_size) and is_pp_last_stage(self._pg_collection.pp)
-        self._vp_stage = vp_stage
+        with _mimo_mtp_block_spec():
+            model = super().provide(pre_process, post_process, vp_stage)
+        model.__class__ = MiMoV2FlashGPTModel  # adds no state: only the checkpoint's key set changes
         with torch.device("meta") if self.init_model_with_meta_device else contextlib.nullcontext():
-            model = MiMoV2FlashGPTModel(
-                self,
-                transformer_layer_spec=layer_spec,
-                vocab_size=vocab_size,
-                max_sequence_length=self.seq_length,
-                fp16_lm_cross_entropy=self.fp16_lm_cross_entropy,
-                parallel_output=self.parallel_output,
-                share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
-                position_embedding_type="rope",
-                rotary_percent=self.rotary_percent,
-                rotary_base=self.rotary_base,
-                pre_process=pre_process,
-                post_process=post_process,
-                pg_collection=self._pg_collection,
-                vp_stage=vp_stage,
-                mtp_block_spec=mimo_v2_flash_mtp_block_spec(self, vp_stage=vp_stage),
-            )
             model.rotary_pos_emb = MiMoV2FlashRotaryEmbedding(
                 swa_rotary_base=self.swa_rotary_base,
                 kv_channels=self.kv_channels,
@@ -252,3 +221,20 @@ class MiMoV2FlashModelProvider(GPTModelProvider):
                 cp_group=self._pg_collection.cp,
             )
         return model
+
+
+@contextlib.contextmanager
+def _mimo_mtp_block_spec():
+    """``GPTModelProvider.provide`` builds the MTP block with ``gpt_provider.mtp_block_spec`` (the last decoder
+    layer's spec, always on TE); MiMo's MTP layers are dense sliding-window layers on the provider's backend, so
+    that one name is MiMo's during the call."""
+    from megatron.bridge.models import gpt_provider
+
+    if not callable(getattr(gpt_provider, "mtp_block_spec", None)):
+        raise RuntimeError("gpt_provider.mtp_block_spec not found (written for megatron-bridge 0.6.2)")
+    upstream = gpt_provider.mtp_block_spec
+    gpt_provider.mtp_block_spec = mimo_v2_flash_mtp_block_spec
+    try:
+        yield
+    finally:
+        gpt_provider.mtp_block_spec = upstream
