@@ -9,10 +9,10 @@ behind and break on reinstall, so instead a meta-path finder, installed at inter
 * ``megatron.bridge.models.mimo_v2_flash`` and its submodules resolve to this project's model package:
   ``src/megatron/bridge/models/mimo_v2_flash`` of a source tree (editable install), or the copy the wheel ships
   as ``mimo_v2_flash_overlay/model_package`` (the wheel ships nothing under ``megatron/``, so installing,
-  reinstalling or uninstalling either distribution never touches the other's files). Everything that imports the upstream
-  name (including ``megatron.bridge.models``' own import, hence the bridge registry and ``AutoBridge``)
-  gets our code; upstream's files are never executed. ``MIMO_V2_FLASH_OVERLAY=0`` turns this redirection off
-  (upstream's package loads, to compare with it); the stand-ins below stay.
+  reinstalling or uninstalling either distribution never touches the other's files). Everything that imports
+  the upstream name (including ``megatron.bridge.models``' own import, hence the bridge registry and
+  ``AutoBridge``) gets our code; upstream's files are never executed. ``MIMO_V2_FLASH_OVERLAY=0`` turns this
+  redirection off (upstream's package loads, to compare with it); the stand-ins below stay.
 * ``megatron.bridge.peft.lora_layers`` imports ``transformer_engine.pytorch`` unconditionally, so
   ``import megatron.bridge`` fails without TransformerEngine. When TE is not importable, that one module
   is executed with an ``__import__`` that hands it an inert stand-in for ``transformer_engine``; nothing
