@@ -36,7 +36,9 @@ def step(title: str, command: list[str], log: Path) -> None:
     if done.returncode != 0:
         print("\n".join(lines[-15:]), file=sys.stderr)
         raise SystemExit(f"demo failed at step: {title} (full log: {log})")
-    print(f"   {lines[-1] if lines else 'done'}  ({time.perf_counter() - start:.1f} s)", flush=True)
+    # A training run's result is its last loss report; every other step ends with its own result line.
+    result = next((line for line in reversed(lines) if "lm loss" in line), lines[-1] if lines else "done")
+    print(f"   {result}  ({time.perf_counter() - start:.1f} s)", flush=True)
 
 
 def main() -> int:
