@@ -67,6 +67,7 @@ def random_fp8(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
 
 def write_checkpoint(directory: Path, cfg: dict, shard_bytes: int = 512 * 1024**2) -> None:
     """Write the synthetic checkpoint shard by shard (never more than one shard in memory)."""
+    from mimo_v2_flash.checkpoint.fp8_quantization import quantize_kv
     from mimo_v2_flash.checkpoint.validation import expected_tensors
     from mimo_v2_flash.config import parse_architecture
     from mimo_v2_flash.tiny_checkpoint import is_fp8_quantized_in_release
@@ -84,17 +85,22 @@ def write_checkpoint(directory: Path, cfg: dict, shard_bytes: int = 512 * 1024**
             weight_map.update({k: name for k in shard})
             shard, shard_size, index = {}, 0, index + 1
 
-    for name, shape in expected_tensors(arch, mtp_layers=1).items():
-        if len(shape) == 2 and is_fp8_quantized_in_release(name):
-            tensors = {name: random_fp8(*shape, gen)}
-            k_heads = shape[0] // 192 if name.endswith("k_proj.weight") else None
-            if name.endswith(("k_proj.weight", "v_proj.weight")):
-                heads = shape[0] // (192 if k_heads else 128)
-                tensors[name + "_scale_inv"] = torch.rand(2 * heads, shape[1] // 128, generator=gen) * 1e-3
-            else:
-                tensors[name + "_scale_inv"] = (
-                    torch.rand(-(-shape[0] // 128), -(-shape[1] // 128), generator=gen) * 1e-3
-                )
+    expected = expected_tensors(arch, mtp_layers=1)
+    for name, shape in expected.items():
+        if name.endswith("self_attn.v_proj.weight") and name.replace("v_proj", "k_proj") in expected:
+            continue  # quantized together with its K projection
+        if name.endswith("self_attn.k_proj.weight"):
+            # The released fused K|V layout, amax-scaled: the import decides every K/V pair's layout from its data.
+            v_name = name.replace("k_proj", "v_proj")
+            k = torch.randn(shape, generator=gen) * 0.02
+            v = torch.randn(expected[v_name], generator=gen) * 0.02
+            qk, sk, qv, sv = quantize_kv(k, v, shape[0] // 192, (128, 128), "fused_kv")
+            tensors = {name: qk, name + "_scale_inv": sk, v_name: qv, v_name + "_scale_inv": sv}
+        elif len(shape) == 2 and is_fp8_quantized_in_release(name):
+            tensors = {
+                name: random_fp8(*shape, gen),
+                name + "_scale_inv": torch.rand(-(-shape[0] // 128), -(-shape[1] // 128), generator=gen) * 1e-3,
+            }
         elif name.endswith("e_score_correction_bias"):
             tensors = {name: torch.rand(shape, generator=gen)}
         else:
@@ -102,9 +108,6 @@ def write_checkpoint(directory: Path, cfg: dict, shard_bytes: int = 512 * 1024**
         for key, tensor in tensors.items():
             shard[key] = tensor
             shard_size += tensor.numel() * tensor.element_size()
-        if name.endswith("v_proj.weight"):  # the fused K|V layout shares one scale per head's middle block
-            k_scale = shard[name.replace("v_proj", "k_proj") + "_scale_inv"]
-            shard[name + "_scale_inv"][0::2] = k_scale[1::2]
         if shard_size >= shard_bytes:
             flush()
     flush()
