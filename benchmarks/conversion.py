@@ -2,6 +2,7 @@
 """Conversion memory and speed on a synthetic FP8 MiMo-V2-Flash checkpoint with the real layer shapes.
 
     .venv/bin/python benchmarks/conversion.py [--experts 64] [--workdir /tmp/mimo_bench] [--keep]
+    .venv/bin/python benchmarks/conversion.py --ablate [--repeats 2] [--experts 16]
 
 Builds a >= 2 GB checkpoint (hidden 4096, 64 heads, Q/K 192, V 128, 4/8 KV heads, expert intermediate 2048,
 dense intermediate 16384, FP8 128x128 blocks with the released K|V layout, a few layers, smaller vocabulary),
@@ -16,14 +17,22 @@ being flushed:
   * `import` again from the exported HF BF16 checkpoint, where input and output are the same bytes.
 FP8 -> BF16 import writes twice the bytes it reads, so its time is also given against cp of what it writes.
 Goals (issue): peak RSS <= 2 x largest shard + 1 GiB, throughput >= 0.5 x cp.
+
+--ablate measures instead, on the same synthetic checkpoint, what each of the conversion's memory mechanisms buys:
+the import (and the export, for the mechanisms it runs through) with every mechanism on, then with each one switched
+off in turn, for --repeats rounds (every other round in reverse order); the table gives medians. A mechanism is
+switched off only in the benchmark's own child process, by patching it to the plain code before the conversion's
+main runs (see ABLATIONS); the product code has no switch for it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -118,11 +127,13 @@ def write_checkpoint(directory: Path, cfg: dict, shard_bytes: int = 512 * 1024**
     (directory / "config.json").write_text(json.dumps(cfg))
 
 
-def measured(command: list[str]) -> tuple[float, float, str]:
+def measured(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
     """(wall seconds, peak RSS GiB, stdout) of a command run in its own process, started with nothing to flush."""
     subprocess.run(["sync"], check=True)
     start = time.perf_counter()
-    result = subprocess.run(["/usr/bin/time", "-f", "%M", *command], capture_output=True, text=True)
+    result = subprocess.run(
+        ["/usr/bin/time", "-f", "%M", *command], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"benchmark command failed: {' '.join(command)}\n{result.stderr[-3000:]}")
@@ -147,12 +158,137 @@ def directory_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
+OFF_VARIABLE = "MIMO_BENCH_OFF"
+
+
+def _switch_off_recycled_storages() -> None:
+    import torch
+
+    from mimo_v2_flash.checkpoint.reused_memory import RecycledStorages
+
+    RecycledStorages.empty = lambda self, shape, dtype: torch.empty(shape, dtype=dtype)
+
+
+def _switch_off_scratch_buffers() -> None:
+    import torch
+
+    from mimo_v2_flash.checkpoint.reused_memory import ScratchBuffers
+
+    ScratchBuffers.get = lambda self, role, numel, dtype: torch.empty(numel, dtype=dtype)
+
+
+def _switch_off_exact_storage_rewraps() -> None:
+    from mimo_v2_flash.checkpoint import reused_memory
+    from mimo_v2_flash.conversion import streaming_import
+
+    # PyTorch's writer then clones a part of a larger storage itself, as it does without the re-wrap.
+    reused_memory.owning_just_its_bytes = streaming_import.owning_just_its_bytes = lambda tensor: tensor
+
+
+def _switch_off_stacked_reads() -> None:
+    from mimo_v2_flash.checkpoint.fp8 import FP8Checkpoint
+
+    FP8Checkpoint.stackable = lambda self, names, dtypes: False  # separate reads; the mapping concatenates
+
+
+def _switch_off_thread_budget() -> None:
+    import contextlib
+
+    from mimo_v2_flash.conversion import streaming_import
+
+    streaming_import.one_core_for_the_writer = contextlib.nullcontext
+
+
+def _switch_off_mmap_threshold() -> None:
+    from mimo_v2_flash.conversion import commands
+
+    commands.return_freed_memory_to_the_system = lambda: None
+
+
+def _switch_off_huge_pages() -> None:
+    """Done by the child's environment instead (see ``ablate``): PyTorch reads it at its first allocation, and the
+    child has imported torch with this script. The CLI only sets it where it is unset."""
+
+
+# name -> (what it is, switch-off patch, whether the export runs through it)
+ABLATIONS = {
+    "recycled storages": ("RecycledStorages.empty -> torch.empty", _switch_off_recycled_storages, False),
+    "scratch buffers": ("ScratchBuffers.get -> torch.empty", _switch_off_scratch_buffers, False),
+    "exact-storage re-wraps": ("owning_just_its_bytes -> identity", _switch_off_exact_storage_rewraps, False),
+    "stacked reads": ("FP8Checkpoint.stackable -> False", _switch_off_stacked_reads, False),
+    "thread budget": ("one_core_for_the_writer -> nullcontext", _switch_off_thread_budget, False),
+    "mallopt threshold": ("no mallopt(M_MMAP_THRESHOLD)", _switch_off_mmap_threshold, True),
+    "huge pages": ("THP_MEM_ALLOC_ENABLE=0", _switch_off_huge_pages, True),
+}
+
+
+def convert_child(argv: list[str]) -> int:
+    """The conversion CLI, with the mechanism named in $MIMO_BENCH_OFF (if any) switched off first."""
+    off = os.environ.get(OFF_VARIABLE)
+    if off:
+        ABLATIONS[off][1]()
+    from mimo_v2_flash.conversion.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+def ablate(work: Path, hf: Path, largest: int, repeats: int) -> None:
+    """Every mechanism on, then each one off in turn, ``repeats`` rounds (every other one in reverse order, so that
+    a drift in the machine's load hits the baseline and each variant alike); prints the medians after each round."""
+    child = [sys.executable, str(Path(__file__).resolve()), "--convert-child"]
+    mcore, reference, export = work / "mcore", work / "mcore_ref", work / "export"
+    imp = [*child, "import", "--hf-model", str(hf), "--megatron-path", str(mcore), "--overwrite"]
+    exp = [*child, "export", "--hf-model", str(hf), "--megatron-path", str(reference), "--hf-path", str(export)]
+    exp += ["--max-shard-gb", f"{largest / GIB:.3f}", "--overwrite"]
+    runs: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+
+    def run(direction: str, off: str) -> None:
+        # The huge-pages setting the CLI makes, made before torch is imported ("0" when that is switched off).
+        env = {OFF_VARIABLE: off, "THP_MEM_ALLOC_ENABLE": "0" if off == "huge pages" else "1"}
+        seconds, rss, out = measured(imp if direction == "import" else exp, env)
+        if direction == "import" and not reference.exists():
+            mcore.rename(reference)  # the first baseline import is the export's input
+        shutil.rmtree(mcore if direction == "import" else export, ignore_errors=True)
+        runs.setdefault((direction, off), []).append((reported_seconds(out), seconds, rss))
+        print(
+            f"  {direction} {off or 'all on':24}: conversion {reported_seconds(out):6.1f} s, "
+            f"command {seconds:6.1f} s, peak RSS {rss:.2f} GiB",
+            flush=True,
+        )
+
+    imports = [("import", ""), *(("import", name) for name in ABLATIONS)]
+    exports = [("export", ""), *(("export", name) for name, (_, _, in_export) in ABLATIONS.items() if in_export)]
+    goal = (2 * largest + GIB) / GIB
+    for round_ in range(repeats):
+        print(f"round {round_ + 1} of {repeats}", flush=True)
+        order = imports + exports if round_ % 2 == 0 else imports[::-1] + exports[::-1]
+        if round_ % 2 == 1 and not reference.exists():
+            order = imports + exports
+        for direction, off in order:
+            run(direction, off)
+        print(f"\nmedians of {round_ + 1} run(s) each; peak RSS goal <= {goal:.2f} GiB")
+        header = f"| {'direction':9} | {'mechanism switched off':24} | {'as':38} | conversion s on / off (off/on) "
+        header += "| command s on / off (off/on) | peak RSS GiB on / off (off/on) |"
+        print(header)
+        print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
+        for direction, off in imports[1:] + exports[1:]:
+            on = [statistics.median(column) for column in zip(*runs[direction, ""], strict=True)]
+            off_ = [statistics.median(column) for column in zip(*runs[direction, off], strict=True)]
+            cells = [f"{a:.1f} / {b:.1f} ({b / a:.2f})" for a, b in zip(on[:2], off_[:2], strict=True)]
+            cells.append(f"{on[2]:.2f} / {off_[2]:.2f} ({off_[2] / on[2]:.2f})")
+            print(f"| {direction:9} | {off:24} | {ABLATIONS[off][0]:38} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--convert-child"]:
+        return convert_child(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experts", type=int, default=64, help="experts per MoE layer (default 64)")
     parser.add_argument("--vocab", type=int, default=32768, help="vocabulary size (default 32768)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--ablate", action="store_true", help="measure each memory mechanism on and off instead")
+    parser.add_argument("--repeats", type=int, default=2, help="--ablate: alternated on/off rounds (default 2)")
     args = parser.parse_args()
     from mimo_v2_flash_overlay import quiet_framework_logs
 
@@ -169,6 +305,9 @@ def main() -> int:
         print(
             f"checkpoint: {total / GIB:.2f} GiB in {len(shards)} shards, largest {largest / GIB:.2f} GiB", flush=True
         )
+        if args.ablate:
+            ablate(work, hf, largest, args.repeats)
+            return 0
         py = sys.executable
         cp_import = copy_seconds(hf, work / "copy")
         imp_s, imp_rss, imp_out = measured(
