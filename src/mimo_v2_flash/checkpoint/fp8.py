@@ -168,26 +168,6 @@ class FP8Checkpoint:
         scale = torch.cat([self.checkpoint.get(source) for source in layout.sources])
         return dequantize(tensor, scale, layout, self.block[1], out)
 
-    def stackable(self, names: list[str], dtypes: list[torch.dtype | None]) -> bool:
-        """Whether :meth:`get_stacked` can read these: 2-D, one width, one result dtype."""
-        shapes = [self.checkpoint.shape(name) for name in names]
-        results = {self.result_dtype(name, dtype) for name, dtype in zip(names, dtypes, strict=True)}
-        return all(len(shape) == 2 for shape in shapes) and len({s[1] for s in shapes}) == 1 and len(results) == 1
-
-    def get_stacked(self, names: list[str], dtypes: list[torch.dtype | None]) -> list[torch.Tensor]:
-        """Weights of one width read (FP8: dequantized) into consecutive rows of one tensor; returns its row blocks.
-
-        A gated MLP's gate and up weights read this way already form ``[gate; up]``, so mapping them needs no copy.
-        """
-        if not self.stackable(names, dtypes):
-            shapes = [self.checkpoint.shape(name) for name in names]
-            raise ValueError(f"get_stacked: {names} are not 2-D weights of one width and dtype: {shapes}")
-        rows = [self.checkpoint.shape(name)[0] for name in names]
-        width = self.checkpoint.shape(names[0])[1]
-        stacked = self._recycled.empty((sum(rows), width), self.result_dtype(names[0], dtypes[0]))
-        parts = stacked.split(rows)
-        return [self.get(n, d, out=part) for n, d, part in zip(names, dtypes, parts, strict=True)]
-
     def layout(self, name: str) -> ScaleLayout:
         """The scale layout of FP8 weight ``name`` (a K/V projection is decided together with its partner)."""
         if name not in self._layouts:

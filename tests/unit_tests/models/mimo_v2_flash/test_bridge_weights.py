@@ -6,11 +6,7 @@ import pytest
 import torch
 from mimo_testing import edit_checkpoint, hf_state_dict
 
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import (
-    GatedMLPMapping,
-    merge_asymmetric_qkv,
-    split_asymmetric_qkv,
-)
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import merge_asymmetric_qkv, split_asymmetric_qkv
 
 
 def test_auto_bridge_dispatches_to_this_repository(tiny_hf_dir):
@@ -65,21 +61,6 @@ def test_asymmetric_qkv_layout(groups, heads, qk, v):
         assert torch.equal(block[q_rows + qk :], vv[g * v : (g + 1) * v])
     back = split_asymmetric_qkv(merged, groups, heads, qk, v)
     assert all(torch.equal(a, b) for a, b in zip(back, (q, k, vv), strict=True))
-
-
-def test_gated_mlp_mapping_takes_consecutive_gate_and_up_rows_as_they_are(parallel_state):
-    mapping = GatedMLPMapping("decoder.layers.0.mlp.linear_fc1.weight", gate="gate", up="up")
-    block = torch.randn(10, 6)
-    gate, up = block.split([4, 6])
-    expected = torch.cat([gate.clone(), up.clone()])
-    fused = mapping.hf_to_megatron({"gate": gate, "up": up}, None)
-    assert torch.equal(fused, expected)
-    assert fused.data_ptr() == block.data_ptr()  # no copy
-    apart = mapping.hf_to_megatron({"gate": gate.clone(), "up": up.clone()}, None)
-    assert torch.equal(apart, expected)
-    # Up stored before gate in one block: consecutive, but in the wrong order for [gate; up].
-    swapped = mapping.hf_to_megatron({"gate": block[6:], "up": block[:6]}, None)
-    assert torch.equal(swapped, torch.cat([block[6:], block[:6]]))
 
 
 def test_wrong_qkv_shape_names_the_tensor(tiny_hf_dir, tmp_path, parallel_state):

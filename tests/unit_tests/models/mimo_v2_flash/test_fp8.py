@@ -85,29 +85,7 @@ def test_grid_layout_is_exact_including_partial_blocks(shape, block, tmp_path):
     assert torch.equal(ckpt.get(name, torch.bfloat16), expected.to(torch.bfloat16))
 
 
-def test_stacked_read_is_the_separate_reads_in_consecutive_rows(tmp_path):
-    gate_q, gate_s = quantize_blockwise(torch.randn(300, 200) * 0.05, (128, 128))
-    up_q, up_s = quantize_blockwise(torch.randn(260, 200) * 0.05, (128, 128))
-    prefix = "model.layers.0.mlp.experts.3."
-    tensors = {
-        prefix + "gate_proj.weight": gate_q,
-        prefix + "gate_proj.weight_scale_inv": gate_s,
-        prefix + "up_proj.weight": up_q,
-        prefix + "up_proj.weight_scale_inv": up_s,
-    }
-    ckpt = FP8Checkpoint(HFCheckpoint(write_checkpoint(tmp_path, tensors, config_for(192, 128, (128, 128)))))
-    names = [prefix + "gate_proj.weight", prefix + "up_proj.weight"]
-    gate, up = ckpt.get_stacked(names, [torch.bfloat16, torch.bfloat16])
-    assert torch.equal(gate, reference_grid(gate_q, gate_s, 128, 128).to(torch.bfloat16))
-    assert torch.equal(up, reference_grid(up_q, up_s, 128, 128).to(torch.bfloat16))
-    assert up.data_ptr() == gate.data_ptr() + gate.nbytes
-    with pytest.raises(ValueError, match="one width and dtype"):
-        ckpt.get_stacked(names, [torch.bfloat16, torch.float32])
-    with pytest.raises(ValueError, match="one width and dtype"):
-        ckpt.get_stacked([names[0], prefix + "gate_proj.weight_scale_inv"], [torch.bfloat16, torch.bfloat16])
-
-
-def test_stored_weights_are_read_as_stored_or_cast_and_stack_too(tmp_path):
+def test_stored_weights_are_read_as_stored_or_cast(tmp_path):
     gate, up, norm = torch.randn(6, 8).bfloat16(), torch.randn(3, 8).bfloat16(), torch.randn(8)
     prefix = "model.layers.1.mlp."
     tensors = {prefix + "gate_proj.weight": gate, prefix + "up_proj.weight": up, "model.norm.weight": norm}
@@ -116,11 +94,7 @@ def test_stored_weights_are_read_as_stored_or_cast_and_stack_too(tmp_path):
     assert torch.equal(ckpt.get("model.norm.weight"), norm)
     assert torch.equal(ckpt.get("model.norm.weight", torch.bfloat16), norm.bfloat16())
     assert torch.equal(ckpt.get(prefix + "gate_proj.weight", torch.float32), gate.float())
-    names = [prefix + "gate_proj.weight", prefix + "up_proj.weight"]
-    stacked = ckpt.get_stacked(names, [None, None])
-    assert torch.equal(stacked[0], gate) and torch.equal(stacked[1], up)
-    assert stacked[1].data_ptr() == stacked[0].data_ptr() + gate.nbytes
-    assert not ckpt.stackable([names[0], "model.norm.weight"], [None, None])  # 1-D, other dtype
+    assert torch.equal(ckpt.get(prefix + "up_proj.weight"), up)
 
 
 @pytest.mark.parametrize("with_nan", [False, True])

@@ -177,9 +177,6 @@ class MiMoV2FlashBridge(MegatronModelBridge):
             return reader.get(hf_param, self._dtype_for(reader, hf_param))
         names = list(hf_param.values())
         dtypes = [self._dtype_for(reader, name) for name in names]
-        if len(names) > 1 and reader.stackable(names, dtypes):
-            # Consecutive rows of one tensor: gate and up then map to Megatron's fused [gate; up] without a copy.
-            return dict(zip(hf_param, reader.get_stacked(names, dtypes), strict=True))
         return {key: reader.get(name, dtype) for key, name, dtype in zip(hf_param, names, dtypes, strict=True)}
 
     def _dtype_for(self, reader: FP8Checkpoint, name: str) -> torch.dtype | None:

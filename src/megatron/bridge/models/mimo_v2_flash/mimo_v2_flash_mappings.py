@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRegistry
-from megatron.bridge.models.conversion.param_mapping import AutoMapping, QKVMapping
-from megatron.bridge.models.conversion.param_mapping import GatedMLPMapping as UpstreamGatedMLPMapping
+from megatron.bridge.models.conversion.param_mapping import AutoMapping, GatedMLPMapping, QKVMapping
 from megatron.bridge.models.conversion.utils import remove_non_pickleables
 
 # The sink logits are one value per query head: column-parallel along dim 0, like the heads.
@@ -75,30 +74,6 @@ class AsymmetricQKVMapping(QKVMapping):
             config.v_head_dim,
         )
         return {self.hf_param["q"]: q, self.hf_param["k"]: k, self.hf_param["v"]: v}
-
-
-class GatedMLPMapping(UpstreamGatedMLPMapping):
-    """Megatron-Bridge's gated MLP mapping; without tensor parallelism, ``[gate; up]`` is returned without a copy
-    when gate and up already are consecutive rows of one tensor (as the FP8 reader dequantizes them)."""
-
-    def hf_to_megatron(self, hf_weights: dict[str, torch.Tensor], megatron_module) -> torch.Tensor:
-        gate, up = hf_weights["gate"], hf_weights["up"]
-        if self.tp_size == 1 and _consecutive_rows(gate, up):
-            return gate.as_strided((gate.shape[0] + up.shape[0], gate.shape[1]), gate.stride())
-        return super().hf_to_megatron(hf_weights, megatron_module)
-
-
-def _consecutive_rows(first: torch.Tensor, second: torch.Tensor) -> bool:
-    """``second`` starts right where ``first`` ends, in the same storage, with the same row width and dtype."""
-    return (
-        first.dim() == second.dim() == 2
-        and first.dtype == second.dtype
-        and first.shape[1] == second.shape[1]
-        and first.is_contiguous()
-        and second.is_contiguous()
-        and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
-        and second.storage_offset() == first.storage_offset() + first.numel()
-    )
 
 
 def _attention_and_mlp(megatron_prefix: str, hf_prefix: str, mlp_norm_hf: str) -> list:
