@@ -20,7 +20,6 @@ Expected problems (bad or truncated files, missing tensors or scales, wrong shap
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -93,10 +92,6 @@ def add_fp8_kv_layout_flag(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # Transparent huge pages for large tensors: conversion allocates gigabytes of short-lived tensors, and
-    # faulting them in 4 KiB at a time cost more CPU than dequantizing them. PyTorch reads this at its first
-    # allocation, so it is set before torch is imported.
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     with quiet_framework_logs(), cpu_runtime():
         return run(args)
 
