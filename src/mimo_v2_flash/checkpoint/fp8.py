@@ -30,14 +30,11 @@ from mimo_v2_flash.checkpoint.fp8_scale_layouts import (
     solo_candidates,
 )
 from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
-from mimo_v2_flash.checkpoint.reused_memory import RecycledStorages, ScratchBuffers
+from mimo_v2_flash.checkpoint.reused_memory import RecycledStorages
 
 SCALE_SUFFIX = "_scale_inv"
 HALF_EXPONENT_SHIFT = 8  # float16's exponent bias 15 minus float8_e4m3fn's 7
 FP8_MAX_SCALED = FP8_MAX * 2.0**-HALF_EXPONENT_SHIFT
-
-
-_SCRATCH = ScratchBuffers()
 
 
 @dataclass(frozen=True)
@@ -72,8 +69,8 @@ def dequantize(
     stops = [*starts[1:], rows]
     # One set of temporaries for all runs: allocating them per run page-faults fresh memory every time.
     run_rows = max(stop - start for start, stop in zip(starts, stops, strict=True))
-    bits = _SCRATCH.get("fp8 bits", run_rows * cols, torch.int16).view(run_rows, cols) if fast else None
-    values = _SCRATCH.get("fp32 run", run_rows * cols, torch.float32).view(run_rows, cols)
+    bits = torch.empty(run_rows, cols, dtype=torch.int16) if fast else None
+    values = torch.empty(run_rows, cols, dtype=torch.float32)
     for start, stop in zip(starts, stops, strict=True):
         run = values[: stop - start]
         if fast and _fp8_as_scaled_float(weight[start:stop], bits[: stop - start], run):
@@ -160,8 +157,7 @@ class FP8Checkpoint:
         stored = self.checkpoint.dtype(name)
         if stored == result:
             return self.checkpoint.get(name, out.reshape(-1).view(torch.uint8))
-        # Read bytes only feed the dequantization or cast below, so they go to a reused buffer.
-        tensor = self.checkpoint.get(name, _SCRATCH.get("read", self.checkpoint.nbytes(name), torch.uint8))
+        tensor = self.checkpoint.get(name)
         if stored != FP8_DTYPE:
             return out.view(shape).copy_(tensor)
         layout = self.layout(name)

@@ -14,24 +14,6 @@ import threading
 import torch
 
 
-class ScratchBuffers(threading.local):
-    """Per-thread buffers reused from call to call, grown on demand.
-
-    Conversion would otherwise allocate a fresh FP8 read buffer and fresh temporaries for every weight; the
-    allocator maps large blocks anew each time, and page-faulting them in cost more than the dequantization.
-    """
-
-    def __init__(self) -> None:
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, role: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        buffer = self.buffers.get(role)
-        if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
-            self.buffers.pop(role, None)  # free the old one before allocating its replacement
-            buffer = self.buffers[role] = torch.empty(numel, dtype=dtype)
-        return buffer[:numel]
-
-
 def owning_just_its_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor``, or when it is a contiguous part of a larger storage, the same memory as a tensor whose storage
     is exactly its bytes (``torch.save`` writes whole storages). DLPack keeps the larger storage referenced."""
