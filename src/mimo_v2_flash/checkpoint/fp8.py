@@ -30,7 +30,6 @@ from mimo_v2_flash.checkpoint.fp8_scale_layouts import (
     solo_candidates,
 )
 from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
-from mimo_v2_flash.checkpoint.reused_memory import RecycledStorages
 
 SCALE_SUFFIX = "_scale_inv"
 HALF_EXPONENT_SHIFT = 8  # float16's exponent bias 15 minus float8_e4m3fn's 7
@@ -110,7 +109,6 @@ class FP8Checkpoint:
         except ValueError as error:
             raise CheckpointError(str(error)) from None
         self._layouts: dict[str, ScaleLayout] = {}
-        self._recycled = RecycledStorages()
         self._check_pairs()
 
     @property
@@ -143,26 +141,15 @@ class FP8Checkpoint:
             return dtype
         return torch.float32 if self.checkpoint.dtype(name) == FP8_DTYPE else self.checkpoint.dtype(name)
 
-    def get(self, name: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor, dequantized exactly if FP8, in :meth:`result_dtype` (into contiguous ``out`` if given).
-
-        Without ``out``, it lands in memory recycled from earlier tensors that are no longer referenced (see
-        :class:`RecycledStorages`).
-        """
-        shape, result = self.checkpoint.shape(name), self.result_dtype(name, dtype)
-        if out is None:
-            out = self._recycled.empty(tuple(shape), result)
-        elif out.dtype != result or out.numel() != math.prod(shape) or not out.is_contiguous():
-            raise ValueError(f"{name}: out must be a contiguous {result} tensor of shape {tuple(shape)}")
-        stored = self.checkpoint.dtype(name)
-        if stored == result:
-            return self.checkpoint.get(name, out.reshape(-1).view(torch.uint8))
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor, dequantized exactly if FP8, in :meth:`result_dtype`."""
+        result, stored = self.result_dtype(name, dtype), self.checkpoint.dtype(name)
         tensor = self.checkpoint.get(name)
         if stored != FP8_DTYPE:
-            return out.view(shape).copy_(tensor)
+            return tensor if stored == result else tensor.to(result)
         layout = self.layout(name)
         scale = torch.cat([self.checkpoint.get(source) for source in layout.sources])
-        return dequantize(tensor, scale, layout, self.block[1], out)
+        return dequantize(tensor, scale, layout, self.block[1], torch.empty(tuple(tensor.shape), dtype=result))
 
     def layout(self, name: str) -> ScaleLayout:
         """The scale layout of FP8 weight ``name`` (a K/V projection is decided together with its partner)."""
