@@ -161,64 +161,18 @@ def directory_bytes(directory: Path) -> int:
 OFF_VARIABLE = "MIMO_BENCH_OFF"
 
 
-def _switch_off_recycled_storages() -> None:
-    import torch
-
-    from mimo_v2_flash.checkpoint.reused_memory import RecycledStorages
-
-    RecycledStorages.empty = lambda self, shape, dtype: torch.empty(shape, dtype=dtype)
-
-
-def _switch_off_scratch_buffers() -> None:
-    import torch
-
-    from mimo_v2_flash.checkpoint.reused_memory import ScratchBuffers
-
-    ScratchBuffers.get = lambda self, role, numel, dtype: torch.empty(numel, dtype=dtype)
-
-
 def _switch_off_exact_storage_rewraps() -> None:
-    from mimo_v2_flash.checkpoint import reused_memory
     from mimo_v2_flash.conversion import streaming_import
 
     # PyTorch's writer then clones a part of a larger storage itself, as it does without the re-wrap.
-    reused_memory.owning_just_its_bytes = streaming_import.owning_just_its_bytes = lambda tensor: tensor
+    streaming_import.owning_just_its_bytes = lambda tensor: tensor
 
 
-def _switch_off_stacked_reads() -> None:
-    from mimo_v2_flash.checkpoint.fp8 import FP8Checkpoint
-
-    FP8Checkpoint.stackable = lambda self, names, dtypes: False  # separate reads; the mapping concatenates
-
-
-def _switch_off_thread_budget() -> None:
-    import contextlib
-
-    from mimo_v2_flash.conversion import streaming_import
-
-    streaming_import.one_core_for_the_writer = contextlib.nullcontext
-
-
-def _switch_off_mmap_threshold() -> None:
-    from mimo_v2_flash.conversion import commands
-
-    commands.return_freed_memory_to_the_system = lambda: None
-
-
-def _switch_off_huge_pages() -> None:
-    """Done by the child's environment instead (see ``ablate``): PyTorch reads it at its first allocation, and the
-    child has imported torch with this script. The CLI only sets it where it is unset."""
-
-
-# name -> (what it is, switch-off patch, whether the export runs through it)
+# name -> (what it is, switch-off patch, whether the export runs through it). The mechanisms measured without a
+# clear gain (recycled storages, scratch buffers, stacked reads, thread budget, mallopt threshold, huge pages) were
+# removed: see docs/conversion_mechanisms.md.
 ABLATIONS = {
-    "recycled storages": ("RecycledStorages.empty -> torch.empty", _switch_off_recycled_storages, False),
-    "scratch buffers": ("ScratchBuffers.get -> torch.empty", _switch_off_scratch_buffers, False),
     "exact-storage re-wraps": ("owning_just_its_bytes -> identity", _switch_off_exact_storage_rewraps, False),
-    "stacked reads": ("FP8Checkpoint.stackable -> False", _switch_off_stacked_reads, False),
-    "thread budget": ("one_core_for_the_writer -> nullcontext", _switch_off_thread_budget, False),
-    "mallopt threshold": ("no mallopt(M_MMAP_THRESHOLD)", _switch_off_mmap_threshold, True),
-    "huge pages": ("THP_MEM_ALLOC_ENABLE=0", _switch_off_huge_pages, True),
 }
 
 
@@ -243,8 +197,7 @@ def ablate(work: Path, hf: Path, largest: int, repeats: int) -> None:
     runs: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
 
     def run(direction: str, off: str) -> None:
-        # The huge-pages setting the CLI makes, made before torch is imported ("0" when that is switched off).
-        env = {OFF_VARIABLE: off, "THP_MEM_ALLOC_ENABLE": "0" if off == "huge pages" else "1"}
+        env = {OFF_VARIABLE: off}
         seconds, rss, out = measured(imp if direction == "import" else exp, env)
         if direction == "import" and not reference.exists():
             mcore.rename(reference)  # the first baseline import is the export's input
@@ -258,6 +211,7 @@ def ablate(work: Path, hf: Path, largest: int, repeats: int) -> None:
 
     imports = [("import", ""), *(("import", name) for name in ABLATIONS)]
     exports = [("export", ""), *(("export", name) for name, (_, _, in_export) in ABLATIONS.items() if in_export)]
+    exports = exports if len(exports) > 1 else []  # no mechanism left that the export runs through
     goal = (2 * largest + GIB) / GIB
     for round_ in range(repeats):
         print(f"round {round_ + 1} of {repeats}", flush=True)
