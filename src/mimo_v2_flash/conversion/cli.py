@@ -107,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
         import_checkpoint,
         inspect_fp8,
         is_rank0,
+        return_freed_memory_to_the_system,
     )
 
+    return_freed_memory_to_the_system()
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[getattr(args, "dtype", "bfloat16")]
     try:
         if args.command == "inspect-fp8":

@@ -18,6 +18,21 @@ from mimo_v2_flash.checkpoint.validation import validate_checkpoint
 GB = 1024**3
 
 
+def return_freed_memory_to_the_system() -> None:
+    """Conversion allocates and frees tensors of every size; glibc's adaptive mmap threshold would then serve them
+    from the heap, where freed memory fragments and RSS keeps growing. A fixed threshold keeps large tensors in
+    their own mappings, released on free (the same as MALLOC_MMAP_THRESHOLD_=131072)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass
+
+
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
