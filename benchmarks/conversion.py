@@ -168,11 +168,18 @@ def _switch_off_exact_storage_rewraps() -> None:
     streaming_import.owning_just_its_bytes = lambda tensor: tensor
 
 
+def _switch_off_mmap_threshold() -> None:
+    from mimo_v2_flash.conversion import commands
+
+    commands.return_freed_memory_to_the_system = lambda: None
+
+
 # name -> (what it is, switch-off patch, whether the export runs through it). The mechanisms measured without a
-# clear gain (recycled storages, scratch buffers, stacked reads, thread budget, mallopt threshold, huge pages) were
-# removed: see docs/conversion_mechanisms.md.
+# clear gain (recycled storages, scratch buffers, stacked reads, thread budget, huge pages) were removed: see
+# docs/conversion_mechanisms.md.
 ABLATIONS = {
     "exact-storage re-wraps": ("owning_just_its_bytes -> identity", _switch_off_exact_storage_rewraps, False),
+    "mallopt threshold": ("no mallopt(M_MMAP_THRESHOLD)", _switch_off_mmap_threshold, True),
 }
 
 
@@ -211,7 +218,7 @@ def ablate(work: Path, hf: Path, largest: int, repeats: int) -> None:
 
     imports = [("import", ""), *(("import", name) for name in ABLATIONS)]
     exports = [("export", ""), *(("export", name) for name, (_, _, in_export) in ABLATIONS.items() if in_export)]
-    exports = exports if len(exports) > 1 else []  # no mechanism left that the export runs through
+    exports = exports if len(exports) > 1 else []  # no mechanism that the export runs through
     goal = (2 * largest + GIB) / GIB
     for round_ in range(repeats):
         print(f"round {round_ + 1} of {repeats}", flush=True)
