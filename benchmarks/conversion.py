@@ -251,9 +251,6 @@ def main() -> int:
     parser.add_argument("--ablate", action="store_true", help="measure each memory mechanism on and off instead")
     parser.add_argument("--repeats", type=int, default=2, help="--ablate: alternated on/off rounds (default 2)")
     args = parser.parse_args()
-    from mimo_v2_flash_overlay import quiet_framework_logs
-
-    quiet_framework_logs()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mimo_bench_"))
     try:
         hf = work / "hf_fp8"
