@@ -1,51 +1,12 @@
 #!/usr/bin/env python
 """Write the built-in tiny MiMo-V2-Flash as a Hugging Face checkpoint (random weights, every model feature).
 
-    python examples/models/mimo_v2_flash/make_tiny_checkpoint.py --output /tmp/tiny_hf [--fp8] [--mtp-layers 1]
-
-``--fp8`` stores it like the released model: block FP8 projections, BF16 for the rest; ``--fp8-kv-layout`` picks
-how K and V are quantized (default ``fused_kv_split``, what the release is believed to use).
+A thin command line over ``mimo_v2_flash.make_tiny_checkpoint``; run with --help for the options.
 """
 
-from __future__ import annotations
-
-import argparse
-import shutil
 import sys
-import tempfile
-from pathlib import Path
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, required=True, help="directory to create (must not exist)")
-    parser.add_argument("--fp8", action="store_true", help="block-FP8 checkpoint like the release")
-    parser.add_argument(
-        "--block-size", type=int, nargs=2, default=(16, 16), metavar=("ROWS", "COLS"), help="FP8 block"
-    )
-    parser.add_argument(
-        "--fp8-kv-layout",
-        default="fused_kv_split",
-        help="K/V scale layout with --fp8: grid, fused_kv, fused_kv_split or per_rank:T (default fused_kv_split)",
-    )
-    parser.add_argument("--mtp-layers", type=int, default=1, help="number of MTP layers (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    args = parser.parse_args(argv)
-    if args.output.exists():
-        print(f"error: {args.output} already exists", file=sys.stderr)
-        return 2
-    from mimo_v2_flash.tiny_checkpoint import write_fp8_checkpoint, write_tiny_checkpoint
-
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=args.output.parent, prefix=".tiny-") as tmp:
-        bf = write_tiny_checkpoint(Path(tmp) / "hf", mtp_layers=args.mtp_layers, seed=args.seed)
-        final = (
-            write_fp8_checkpoint(bf, Path(tmp) / "fp8", tuple(args.block_size), args.fp8_kv_layout) if args.fp8 else bf
-        )
-        shutil.move(str(final), str(args.output))
-    print(f"tiny MiMo-V2-Flash ({'FP8' if args.fp8 else 'fp32'}) written to {args.output}")
-    return 0
-
+from mimo_v2_flash.make_tiny_checkpoint import main
 
 if __name__ == "__main__":
     sys.exit(main())

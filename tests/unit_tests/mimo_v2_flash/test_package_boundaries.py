@@ -13,7 +13,13 @@ PROJECT = REPO / "src/mimo_v2_flash"
 MODEL = REPO / "src/megatron/bridge/models/mimo_v2_flash"
 # The project's floors, top-down: a module may import its own floor and the floors below it.
 FLOORS = [
-    ("mimo_v2_flash.conversion", "mimo_v2_flash.training", "mimo_v2_flash.runtime"),
+    (
+        "mimo_v2_flash.conversion",
+        "mimo_v2_flash.training",
+        "mimo_v2_flash.runtime",
+        "mimo_v2_flash.planning.cli",
+        "mimo_v2_flash.make_tiny_checkpoint",
+    ),
     ("megatron.bridge.models.mimo_v2_flash",),
     ("megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash",),
     ("mimo_v2_flash.checkpoint", "mimo_v2_flash.tiny_checkpoint"),
