@@ -25,7 +25,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # Packages whose declared dependencies cannot install here: pyproject.toml [tool.mimo_v2_flash] no-deps.
   nodeps=$(.venv/bin/python -c "import tomllib;print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['mimo_v2_flash']['no-deps']))")
   .venv/bin/python -m pip install --quiet --no-deps -c constraints.txt $nodeps
-  .venv/bin/python -c "import megatron.bridge.models.mimo_v2_flash as m; print('overlay active:', m.__file__)"
+  # Megatron's import-time notices go to a log; only the answer (or, on failure, the whole log) is shown.
+  check="import megatron.bridge.models.mimo_v2_flash as m; print('overlay active:', m.__file__)"
+  if ! .venv/bin/python -c "$check" > .venv/overlay_check.log 2>&1; then cat .venv/overlay_check.log >&2; exit 1; fi
+  tail -n 1 .venv/overlay_check.log
   echo "$want" > "$stamp"
 else
   echo "== .venv up to date"
