@@ -25,6 +25,7 @@ from mimo_v2_flash.checkpoint.fp8_scale_layouts import (
     evidence_line,
     fused_rows,
     parse_kv_layout,
+    rank_fused_rows,
     rows_amax,
     shadowed_v_rows,
     solo_candidates,
@@ -46,6 +47,7 @@ class ScaleLayout:
     evidence: str
     checked: tuple[tuple[str, int, int, str], ...] = ()  # (candidate, blocks at 448, blocks, failure)
     aliases: tuple[str, ...] = ()  # other names of the same row maps (e.g. ``per_rank:2`` for ``grid``)
+    shadowed: tuple[tuple[int, int], ...] = ()  # (source row, copy row) of scale rows stored twice
 
 
 def dequantize(
@@ -200,7 +202,20 @@ class FP8Checkpoint:
 
     def _solo(self, name: str) -> list[Candidate]:
         rows, scale_rows = self.checkpoint.shape(name)[0], self.checkpoint.shape(name + SCALE_SUFFIX)[0]
-        return solo_candidates(rows, scale_rows, self.block[0], name, name + SCALE_SUFFIX)
+        candidates = solo_candidates(rows, scale_rows, self.block[0], name, name + SCALE_SUFFIX)
+        heads = self._kv_heads(name)
+        if heads is None:
+            return candidates
+        # A tensor-parallel export never cuts a KV head: ranks beyond the head count replicate whole heads.
+        return [c for c in candidates if not c.kind.startswith("per_rank:") or heads % int(c.kind.split(":")[1]) == 0]
+
+    def _kv_heads(self, name: str) -> int | None:
+        """KV heads of a K or V projection (from its rows and head dim); None for any other tensor."""
+        if not name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            return None
+        head_dim = self.kv_head_dims(name)[0 if name.endswith("k_proj.weight") else 1]
+        rows = self.checkpoint.shape(name)[0]
+        return rows // head_dim if rows % head_dim == 0 else None
 
     def _check_columns(self, name: str) -> None:
         cols, scale_cols = self.checkpoint.shape(name)[1], self.checkpoint.shape(name + SCALE_SUFFIX)[1]
@@ -260,6 +275,13 @@ class FP8Checkpoint:
                 if (k_need, v_need) == (sk, sv):
                     shadowed = [] if split else [(k, sk + v) for k, v in shadowed_v_rows(heads, dk, dv, bm)]
                     candidates.append(Candidate(kind, {k_name: k_map, v_name: v_map}, sources, shadowed))
+            for ranks in (t for t in range(1, heads + 1) if heads % t == 0):
+                k_map, v_map, k_need, v_need, padding = rank_fused_rows(heads, dk, dv, bm, ranks)
+                if (k_need, v_need) == (sk, sv):
+                    shadowed = [(k, sk + v) for k, v in padding]
+                    candidates.append(
+                        Candidate(f"rank_fused:{ranks}", {k_name: k_map, v_name: v_map}, sources, shadowed)
+                    )
         candidates = self._forced(candidates, (k_name, v_name))
         chosen, checked = self._run_decision(candidates, (k_name, v_name), always_check=True)
         return {name: self._layout_of(chosen, checked, name) for name in (k_name, v_name)}
@@ -290,6 +312,7 @@ class FP8Checkpoint:
             evidence,
             tuple((c.label, c.blocks_at_max, c.blocks, c.failure) for c in checked if c.blocks),
             tuple(chosen.aliases),
+            tuple(chosen.shadowed),
         )
 
     def _unexplained(self, names: tuple[str, ...], why: str) -> str:

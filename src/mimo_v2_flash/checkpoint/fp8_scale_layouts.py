@@ -10,6 +10,11 @@ With ``bm`` the row block size, ``dk`` / ``dv`` the K / V head dims of a layer a
   twice (``k_scale[...] == v_scale[...]``).
 * ``fused_kv_split``: the same quantization, but V keeps only the blocks no K row touches
   (``ceil((dk + dv) / bm) - ceil(dk / bm)`` per head); V rows in K's last block use K's scale row.
+* ``rank_fused:T``: the general form of the three above, and what a tensor-parallel export writes: the KV heads
+  cut into ``T`` rank slices, each rank's ``[K_r; V_r]`` quantized on one grid (its Q rows, whole blocks, before
+  them), the scale rows then split by projection (a block goes to the projection it starts in); V keeps
+  ``ceil(V_r / bm)`` rows per rank, the size a serving loader's V slot has, and a row no V block starts in repeats
+  K's last block. One KV head per rank is ``fused_kv_split``; K and V slices of whole blocks are ``per_rank:T``.
 
 A layout is a map from weight rows to rows of its scale sources (the K/V layouts index ``[k_scale; v_scale]``).
 Block-wise amax quantization puts an FP8 value of magnitude 448 in every (row block, column block) of the true
@@ -27,15 +32,18 @@ import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max
-KV_LAYOUT_CHOICES = ("auto", "grid", "fused_kv", "fused_kv_split", "per_rank:T")
+KV_LAYOUT_CHOICES = ("auto", "grid", "fused_kv", "fused_kv_split", "per_rank:T", "rank_fused:T")
 
 
 def parse_kv_layout(value: str) -> str:
-    """Validate a ``--fp8-kv-layout`` value (``auto``, ``grid``, ``fused_kv``, ``fused_kv_split``, ``per_rank:T``)."""
+    """Validate a ``--fp8-kv-layout`` value (``auto``, ``grid``, ``fused_kv``, ``fused_kv_split``, ``per_rank:T``,
+    ``rank_fused:T``)."""
     if value in ("auto", "grid", "fused_kv", "fused_kv_split"):
         return value
-    if value.startswith("per_rank:") and value[len("per_rank:") :].isdigit() and int(value[len("per_rank:") :]) > 0:
-        return f"per_rank:{int(value[len('per_rank:') :])}"
+    for family in ("per_rank:", "rank_fused:"):
+        count = value[len(family) :]
+        if value.startswith(family) and count.isdigit() and int(count) > 0:
+            return f"{family}{int(count)}"
     raise ValueError(f"unknown FP8 K/V layout {value!r}: expected one of {', '.join(KV_LAYOUT_CHOICES)}")
 
 
@@ -75,6 +83,27 @@ def fused_rows(heads: int, dk: int, dv: int, bm: int, split: bool) -> tuple[torc
         own = heads * k_per_head + h * v_per_head + block - v_first
         v_maps.append(torch.where(block < k_per_head, h * k_per_head + block, own))
     return k_rows, torch.cat(v_maps), heads * k_per_head, heads * v_per_head
+
+
+def rank_fused_rows(
+    heads: int, dk: int, dv: int, bm: int, ranks: int
+) -> tuple[torch.Tensor, torch.Tensor, int, int, list[tuple[int, int]]]:
+    """``rank_fused:ranks``: K and V row maps into ``[k_scale; v_scale]``, the K / V scale rows they need, and the
+    (K row, V row) pairs where a V scale row no V block starts in repeats K's last block of that rank."""
+    if ranks <= 0 or heads % ranks:
+        raise ValueError(f"rank_fused:{ranks} needs the KV heads ({heads}) to divide into {ranks} ranks")
+    k_rank, v_rank = heads // ranks * dk, heads // ranks * dv
+    k_per_rank, v_per_rank = math.ceil(k_rank / bm), math.ceil(v_rank / bm)
+    v_used = math.ceil((k_rank + v_rank) / bm) - k_per_rank
+    k_maps, v_maps, padding = [], [], []
+    for rank in range(ranks):
+        k_maps.append(rank * k_per_rank + torch.arange(k_rank) // bm)
+        block = (k_rank + torch.arange(v_rank)) // bm
+        own = ranks * k_per_rank + rank * v_per_rank + block - k_per_rank
+        v_maps.append(torch.where(block < k_per_rank, rank * k_per_rank + block, own))
+        last_k = rank * k_per_rank + k_per_rank - 1
+        padding += [(last_k, ranks * k_per_rank + rank * v_per_rank + row) for row in range(v_used, v_per_rank)]
+    return torch.cat(k_maps), torch.cat(v_maps), ranks * k_per_rank, ranks * v_per_rank, padding
 
 
 def shadowed_v_rows(heads: int, dk: int, dv: int, bm: int) -> list[tuple[int, int]]:

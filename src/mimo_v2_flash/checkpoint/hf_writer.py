@@ -183,21 +183,32 @@ def write_hf_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     max_shard_bytes: int = 5 * 1024**3,
     progress=None,
+    quantizer=None,
 ) -> dict:
-    """Write streamed ``(hub name, tensor)`` pairs as an HF checkpoint; atomic. Returns a summary dict."""
+    """Write streamed ``(hub name, tensor)`` pairs as an HF checkpoint; atomic. Returns a summary dict.
+
+    ``quantizer``: an :class:`~mimo_v2_flash.checkpoint.fp8_export.FP8ExportPlan`; it decides every tensor's dtype
+    (FP8 weights with their scales, the rest as in the source) and its ``quantization_config`` goes to config.json.
+    Without it, every tensor is cast to ``dtype`` (``e_score_correction_bias`` stays fp32).
+    """
     original_config = json.loads((original_dir / "config.json").read_text())
     staging = staging_dir(output_dir)
     staging.mkdir()
     start = time.perf_counter()
+    if quantizer is not None:
+        # Quantization runs in the read-ahead worker, overlapping the writes.
+        weights = quantizer.quantize(weights)
     try:
         writer = ShardWriter(staging, max_shard_bytes)
         for name, tensor in read_ahead(weights, READ_AHEAD_BYTES):
-            target = torch.float32 if name.endswith(KEEP_FP32) else dtype
+            target = tensor.dtype if quantizer is not None else torch.float32 if name.endswith(KEEP_FP32) else dtype
             writer.add(name, tensor.detach().to("cpu", target))
             if progress is not None:
                 progress(name, tensor.numel() * target.itemsize)
         weight_map = writer.finish()
         config = export_config(original_config, dtype)
+        if quantizer is not None:
+            config["quantization_config"] = quantizer.quantization_config
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copied = copy_artifacts(original_dir, staging)
         for written in staging.iterdir():

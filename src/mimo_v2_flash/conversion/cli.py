@@ -1,13 +1,16 @@
 """Convert MiMo-V2-Flash checkpoints between Hugging Face and Megatron-Core.
 
   import       HF (FP8 release or BF16/FP32) -> Megatron distributed checkpoint
-  export       Megatron checkpoint (or a fine-tuning --output dir) -> HF BF16 shards in hub layout
+  export       Megatron checkpoint (or a fine-tuning --output dir) -> HF shards in hub layout (BF16, FP32, or the
+               source's own block-FP8 format with --dtype fp8)
   inspect-fp8  report the FP8 scale layout of every tensor kind and the evidence for it
 
 Examples:
   python convert_checkpoints.py import --hf-model /ckpt/MiMo-V2-Flash --megatron-path /ckpt/mimo_mcore
   python convert_checkpoints.py export --hf-model /ckpt/MiMo-V2-Flash --megatron-path /ckpt/mimo_mcore \\
       --hf-path /ckpt/mimo_export_bf16
+  python convert_checkpoints.py export --hf-model /ckpt/MiMo-V2-Flash --megatron-path /runs/sft \\
+      --hf-path /ckpt/mimo_sft_fp8 --dtype fp8
   python convert_checkpoints.py inspect-fp8 --hf-model /ckpt/MiMo-V2-Flash
 
 The FP8 scale layout of each K/V pair (grid, fused_kv, fused_kv_split, per_rank:T) is decided from its data;
@@ -63,7 +66,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     exp.add_argument("--hf-path", type=Path, required=True, help="output HF directory")
     exp.add_argument(
-        "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weight dtype (default bfloat16)"
+        "--dtype",
+        choices=["bfloat16", "float32", "fp8"],
+        default="bfloat16",
+        help="weight dtype (default bfloat16); fp8: the --hf-model checkpoint's own block-FP8 format (FP8 tensors in "
+        "the scale layouts the import decided, the rest in the source's dtypes; a BF16 source gets the release's)",
+    )
+    exp.add_argument(
+        "--fp8-serve-tp",
+        type=int,
+        default=None,
+        metavar="T",
+        help="with --dtype fp8: quantize K/V per rank exactly as a vLLM / SGLang server at attention TP T reads them "
+        "(default: the source's layout)",
     )
     exp.add_argument(
         "--adapter-path",
@@ -85,7 +100,7 @@ def add_fp8_kv_layout_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fp8-kv-layout",
         default="auto",
-        metavar="{auto,grid,fused_kv,fused_kv_split,per_rank:T}",
+        metavar="{auto,grid,fused_kv,fused_kv_split,per_rank:T,rank_fused:T}",
         help="FP8 scale layout of the K/V projections (default auto: decided per layer from the data)",
     )
 
@@ -111,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
     )
 
     return_freed_memory_to_the_system()
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[getattr(args, "dtype", "bfloat16")]
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "fp8": torch.bfloat16}[
+        getattr(args, "dtype", "bfloat16")
+    ]
     try:
         if args.command == "inspect-fp8":
             print("\n".join(inspect_fp8(args.hf_model, args.fp8_kv_layout)))
@@ -139,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
                 overwrite=args.overwrite,
                 max_shard_gb=args.max_shard_gb,
                 adapter_out=args.adapter_path,
+                fp8=args.dtype == "fp8",
+                fp8_serve_tp=args.fp8_serve_tp,
             )
             action, target = "exported", args.hf_path
     except (CheckpointError, MiMoV2FlashConfigError) as error:
@@ -149,16 +168,17 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{action} {summary['tensors']} tensors ({summary['bytes'] / 1024**2:.1f} MiB) in {seconds:.1f} s "
             f"({summary['tensors'] / seconds:.0f} tensors/s, {summary['bytes'] / seconds / 1024**2:.1f} MB/s) "
-            f"-> {target}" + _fp8_note(summary.get("fp8_layouts"))
+            f"-> {target}" + _fp8_note(summary.get("fp8_layouts"), summary.get("fp8_format"))
         )
     return 0
 
 
-def _fp8_note(layouts: dict[str, int] | None) -> str:
-    """The FP8 scale layouts the import used (tensors per layout), for the summary line."""
+def _fp8_note(layouts: dict[str, int] | None, written_format: str | None = None) -> str:
+    """The FP8 scale layouts the import used or the export wrote (tensors per layout), for the summary line."""
     if not layouts:
-        return ""
-    return "; FP8 scale layouts: " + ", ".join(f"{kind} x{count}" for kind, count in layouts.items())
+        return f"; {written_format}" if written_format else ""
+    note = "; FP8 scale layouts: " + ", ".join(f"{kind} x{count}" for kind, count in layouts.items())
+    return f"; {written_format}{note}" if written_format else note
 
 
 if __name__ == "__main__":

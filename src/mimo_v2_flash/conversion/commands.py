@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from mimo_v2_flash.checkpoint.fp8 import FP8_DTYPE, SCALE_SUFFIX, FP8Checkpoint
+from mimo_v2_flash.checkpoint.fp8_export import LAYOUT_RECORD, layout_record, plan_fp8_export, read_layout_record
 from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
 from mimo_v2_flash.checkpoint.output_dirs import check_output_dir, replace_directory, staging_dir
 from mimo_v2_flash.checkpoint.validation import validate_checkpoint
@@ -67,6 +69,12 @@ def import_checkpoint(
     start = time.perf_counter()
     with MiMoV2FlashBridge.reading_through(reader):
         _import_weights(hf_dir, megatron_path, dtype, layout)
+    if fp8_layouts and is_rank0():
+        # The layouts decided here go with the checkpoint, so an FP8 export writes them back without deciding again.
+        record = megatron_path / LAYOUT_RECORD
+        staged = record.with_name(f".{record.name}.partial")
+        staged.write_text(json.dumps(layout_record(reader, fp8_kv_layout), indent=1) + "\n")
+        staged.rename(record)
     source_bytes = sum(checkpoint.nbytes(n) for n in checkpoint.keys())
     return {
         "tensors": len([n for n in checkpoint.keys() if not n.endswith(SCALE_SUFFIX)]),
@@ -110,12 +118,18 @@ def export_checkpoint(
     overwrite: bool = False,
     max_shard_gb: float = 5.0,
     adapter_out: Path | None = None,
+    fp8: bool = False,
+    fp8_serve_tp: int | None = None,
 ) -> dict:
     """Megatron checkpoint (or a fine-tuning output dir) -> HF shards in hub layout, config and tokenizer.
 
     Streams one layer at a time from the checkpoint (any saved layout) into bounded-size shards. The output of a
     LoRA run is exported merged (its base checkpoint plus the adapters); ``adapter_out`` additionally receives
-    the adapters alone as a PEFT adapter in HF naming.
+    the adapters alone as a PEFT adapter in HF naming (``dtype``; bf16 when the main output is FP8).
+
+    ``fp8``: write ``hf_dir``'s own block-FP8 format (its FP8 tensors in the scale layouts the import recorded or,
+    without a record, the layouts its data decides; a BF16 source gets the release's format); ``fp8_serve_tp``
+    lays K/V out for a vLLM / SGLang server at that attention TP (see :mod:`fp8_export`).
     """
     from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import mimo_v2_flash_mapping_registry
     from mimo_v2_flash.checkpoint.hf_writer import write_hf_checkpoint
@@ -138,6 +152,16 @@ def export_checkpoint(
     if adapter_out is not None and lora_run is None:
         raise CheckpointError(f"{megatron_path}: not a LoRA run, there is no adapter to export")
     adapters = LoraAdapters(lora_run) if lora_run is not None else None
+    quantizer = None
+    if fp8:
+        searched = [megatron_path, megatron_path / "pretrained"]
+        if lora_run is not None:
+            searched.append(lora_run.base_checkpoint)
+        quantizer = plan_fp8_export(hf_dir, serve_tp=fp8_serve_tp, record=read_layout_record(searched))
+        expected_scales = set(quantizer.scale_names())
+        dtype = torch.bfloat16  # of the PEFT adapter and config.json's torch_dtype
+    elif fp8_serve_tp is not None:
+        raise CheckpointError("--fp8-serve-tp applies to --dtype fp8 only")
     peft_tensors: dict[str, torch.Tensor] = {}
     peft_modules: set[str] = set()
 
@@ -147,7 +171,13 @@ def export_checkpoint(
         peft_modules.add(hf_name.removesuffix(".weight").rsplit(".", 1)[-1])
 
     expected = set(expected_tensors(arch, mtp_layers))
-    bar = tqdm(total=len(expected), unit="tensor", desc="export", disable=not is_rank0(), mininterval=1.0)
+    bar = tqdm(
+        total=len(expected) + (len(expected_scales) if fp8 else 0),
+        unit="tensor",
+        desc="export",
+        disable=not is_rank0(),
+        mininterval=1.0,
+    )
     moved = {"bytes": 0}
     seen: set[str] = set()
 
@@ -173,8 +203,13 @@ def export_checkpoint(
     source = lora_run.base_checkpoint if lora_run is not None else megatron_path
     sink = collect_adapter if adapter_out is not None else None
     weights = checked(iter_hf_weights(source, mimo_v2_flash_mapping_registry(), lora=adapters, adapter_sink=sink))
-    summary = write_hf_checkpoint(weights, hf_dir, hf_out, dtype, int(max_shard_gb * GB), progress=progress)
+    summary = write_hf_checkpoint(
+        weights, hf_dir, hf_out, dtype, int(max_shard_gb * GB), progress=progress, quantizer=quantizer
+    )
     bar.close()
+    if quantizer is not None:
+        summary["fp8_format"] = quantizer.description
+        summary["fp8_layouts"] = quantizer.layout_counts()
     if adapter_out is not None:
         write_peft_adapter(peft_tensors, peft_adapter_config(lora_run, sorted(peft_modules), str(hf_dir)), adapter_out)
     return summary
