@@ -3,7 +3,8 @@
     python examples/models/mimo_v2_flash/make_tiny_checkpoint.py --output /tmp/tiny_hf [--fp8] [--mtp-layers 1]
 
 ``--fp8`` stores it like the released model: block FP8 projections, BF16 for the rest; ``--fp8-kv-layout`` picks
-how K and V are quantized (default ``fused_kv_split``, what the release is believed to use).
+how K and V are quantized (default ``release``: the release's rule, each rank of a TP split at the full layers' KV
+head count quantizing its fused rows: ``fused_kv_split`` on full layers, the plain grid on SWA and MTP layers).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--fp8-kv-layout",
-        default="fused_kv_split",
-        help="K/V scale layout with --fp8: grid, fused_kv, fused_kv_split or per_rank:T (default fused_kv_split)",
+        default="release",
+        help="K/V scale layout with --fp8: release, grid, fused_kv, fused_kv_split, per_rank:T or rank_fused:T "
+        "(default release: fused_kv_split on full layers, the grid on SWA / MTP layers, as the release)",
     )
     parser.add_argument("--mtp-layers", type=int, default=1, help="number of MTP layers (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")

@@ -15,7 +15,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from mimo_v2_flash.checkpoint.fp8_export import (
+    is_fp8_quantized_in_release,
+    release_kv_layout,
+    release_quantization_config,
+)
 from mimo_v2_flash.config import released_config, with_native_fields
+
+__all__ = ["is_fp8_quantized_in_release", "tiny_config", "write_fp8_checkpoint", "write_tiny_checkpoint"]
 
 TINY_CORPUS = (
     "MiMo-V2-Flash is a mixture of experts language model with hybrid sliding window attention. "
@@ -186,22 +193,15 @@ def write_tiny_checkpoint(
     return directory
 
 
-FP8_EXCLUDED = ("o_proj", "eh_proj", "mlp.gate.", "embed_tokens", "lm_head", "norm", "attention_sink_bias")
-
-
-def is_fp8_quantized_in_release(name: str) -> bool:
-    """Which hub tensors the released checkpoint stores as FP8 (2-D projections except o_proj/eh_proj/router)."""
-    return name.endswith("_proj.weight") and not any(part in name for part in FP8_EXCLUDED)
-
-
 def write_fp8_checkpoint(
-    src: str | Path, dst: str | Path, block: tuple[int, int] = (16, 16), kv_layout: str = "fused_kv_split"
+    src: str | Path, dst: str | Path, block: tuple[int, int] = (16, 16), kv_layout: str = "release"
 ) -> Path:
     """Re-save an HF checkpoint the way MiMo-V2-Flash was released: block FP8 projections, BF16 for the rest,
     ``e_score_correction_bias`` kept fp32, ``quantization_config`` in config.json.
 
-    K and V of every layer are quantized in ``kv_layout`` (default: what the release is believed to use, each
-    head's ``[K_h; V_h]`` quantized together with V keeping only its own blocks); other projections on the grid.
+    K and V of every layer are quantized in ``kv_layout``; the default ``release`` is the release's rule
+    (:func:`release_kv_layout`: ``fused_kv_split`` on full layers with one KV head per rank, the plain grid on SWA
+    and MTP layers with two). Other projections are on the grid.
     """
     from mimo_v2_flash.checkpoint.fp8_quantization import quantize_blockwise, quantize_kv
     from mimo_v2_flash.checkpoint.hf_checkpoint import HFCheckpoint
@@ -222,7 +222,8 @@ def write_fp8_checkpoint(
             if name.endswith("self_attn.k_proj.weight"):
                 v_name = name.replace("k_proj", "v_proj")
                 kv_heads = tensor.shape[0] // arch.head_dim
-                qk, sk, qv, sv = quantize_kv(tensor, ckpt.get(v_name), kv_heads, block, kv_layout)
+                layout = release_kv_layout(ckpt.config, kv_heads) if kv_layout == "release" else kv_layout
+                qk, sk, qv, sv = quantize_kv(tensor, ckpt.get(v_name), kv_heads, block, layout)
                 out.update({name: qk, name + "_scale_inv": sk, v_name: qv, v_name + "_scale_inv": sv})
             elif is_fp8_quantized_in_release(name):
                 q, s = quantize_blockwise(tensor, block)
@@ -237,13 +238,7 @@ def write_fp8_checkpoint(
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config = dict(ckpt.config, torch_dtype="bfloat16")
-    config["quantization_config"] = {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": list(block),
-        "ignored_layers": sorted(n[: -len(".weight")] for n in weight_map if n.endswith("o_proj.weight")),
-    }
+    config["quantization_config"] = release_quantization_config(weight_map, block)
     (dst / "config.json").write_text(json.dumps(config, indent=2))
     for extra in src.iterdir():
         if (

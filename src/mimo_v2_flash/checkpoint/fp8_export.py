@@ -39,6 +39,13 @@ def is_fp8_quantized_in_release(name: str) -> bool:
     return name.endswith("_proj.weight") and not any(part in name for part in FP8_EXCLUDED)
 
 
+def release_kv_layout(config: dict, kv_heads: int) -> str:
+    """The release's K/V layout for a layer with ``kv_heads``: each rank of a TP split at the full layers' KV head
+    count quantized its ``[Q_r; K_r; V_r]`` rows on its own grid (one full-layer head per rank; SWA / MTP layers with
+    twice the heads hold two per rank, which fill whole 128-row blocks: the plain grid)."""
+    return f"rank_fused:{math.gcd(int(config['num_key_value_heads']), kv_heads)}"
+
+
 def release_quantization_config(weight_names: Iterable[str], block: tuple[int, int] = RELEASE_BLOCK) -> dict:
     """The release's ``quantization_config`` (block FP8, dynamic activations, ``o_proj`` listed as ignored)."""
     return {
@@ -231,7 +238,6 @@ def _grid_group(name: str, rows: int, bm: int) -> QuantGroup:
 def _release_groups(reader: FP8Checkpoint, block: tuple[int, int]) -> list[QuantGroup]:
     """The release's FP8 tensors of an unquantized checkpoint; K/V rank-fused as a TP split at the full layers' KV
     head count quantized them (SWA layers, with more KV heads, get several heads per rank)."""
-    ranks = int(reader.checkpoint.config["num_key_value_heads"])
     groups = []
     for name in reader.weight_names():
         if not is_fp8_quantized_in_release(name) or len(reader.checkpoint.shape(name)) != 2:
@@ -240,7 +246,7 @@ def _release_groups(reader: FP8Checkpoint, block: tuple[int, int]) -> list[Quant
             continue  # with its k_proj
         if name.endswith("self_attn.k_proj.weight"):
             geometry = _geometry(reader, name, block[0])
-            groups.append(_kv_group(name, geometry, f"rank_fused:{math.gcd(ranks, geometry.kv_heads)}"))
+            groups.append(_kv_group(name, geometry, release_kv_layout(reader.checkpoint.config, geometry.kv_heads)))
         else:
             groups.append(_grid_group(name, reader.checkpoint.shape(name)[0], block[0]))
     return groups

@@ -266,6 +266,53 @@ def inspect_fp8(hf_dir: Path, kv_layout: str = "auto") -> list[str]:
             f"{kind}: {len(names)} tensors, layout {layouts}; e.g. {example} weight {checkpoint.shape(example)} "
             f"scale {checkpoint.shape(example + SCALE_SUFFIX)}; evidence (blocks with |fp8| = 448): {found}"
         )
+    return lines + serving_report(fp8)
+
+
+def serving_report(fp8: FP8Checkpoint) -> list[str]:
+    """Per attention layer kind: the attention TPs at which vLLM's / SGLang's generic q/k/v scale rule reads every
+    FP8 q/k/v element with its own scale (see :mod:`fp8_serving`), and what happens at the others."""
+    from mimo_v2_flash.checkpoint.fp8_serving import AttentionGeometry, reads_exactly, serving_tps
+
+    checkpoint = fp8.checkpoint
+    heads = int(checkpoint.config["num_attention_heads"])
+    verdicts: dict[str, dict[int, str]] = {}
+    for q_name in fp8.weight_names():
+        if not q_name.endswith("self_attn.q_proj.weight"):
+            continue
+        names = {p: q_name.replace("q_proj", f"{p}_proj") for p in "qkv"}
+        if any(n not in checkpoint or checkpoint.dtype(n) != FP8_DTYPE for n in names.values()):
+            continue
+        k_layout = fp8.layout(names["k"])
+        if len(k_layout.sources) != 2:
+            continue  # K and V quantized apart: no fused K/V layout to check
+        sq = checkpoint.shape(names["q"] + SCALE_SUFFIX)[0]
+        scale_rows = (sq, *(checkpoint.shape(n + SCALE_SUFFIX)[0] for n in (names["k"], names["v"])))
+        scales = torch.cat([checkpoint.get(n + SCALE_SUFFIX).float() for n in names.values()])
+        row_maps = {
+            "q": fp8.layout(names["q"]).row_to_scale_row,
+            "k": k_layout.row_to_scale_row + sq,
+            "v": fp8.layout(names["v"]).row_to_scale_row + sq,
+        }
+        dk, dv = fp8.kv_head_dims(names["k"])
+        geometry = AttentionGeometry(heads, checkpoint.shape(names["k"])[0] // dk, dk, dv, fp8.block[0])
+        kind = _tensor_kind(q_name, fp8).rsplit(".", 1)[0]
+        for tp in serving_tps(heads):
+            exact = reads_exactly(geometry, tp, row_maps, scales, scale_rows)
+            verdict = "exact" if exact is True else "misread" if exact is False else "fails"
+            previous = verdicts.setdefault(kind, {}).get(tp, "exact")
+            verdicts[kind][tp] = verdict if previous == "exact" else previous
+    lines = []
+    for kind, by_tp in sorted(verdicts.items()):
+        parts = [
+            f"{verdict} at TP {[tp for tp, v in by_tp.items() if v == verdict]}"
+            for verdict in ("exact", "misread", "fails")
+            if verdict in by_tp.values()
+        ]
+        lines.append(f"serving {kind} (vLLM / SGLang q/k/v scale rule): " + "; ".join(parts))
+    if verdicts:
+        every = [tp for tp in serving_tps(heads) if all(v.get(tp) == "exact" for v in verdicts.values())]
+        lines.append(f"serving: every attention layer read exactly at attention TP {every}")
     return lines
 
 
