@@ -14,6 +14,8 @@ being flushed:
     cp of the same input, for the whole command (interpreter and framework start included) and for the
     conversion alone (the seconds the command reports; the start-up is a constant that a 600 GB conversion
     does not notice),
+  * `export --dtype fp8` (the source's own FP8 format) side by side with the BF16 export: the same input, half the
+    bytes written; its speed is given against cp of what it writes (the issue's goal) and of what it reads,
   * `import` again from the exported HF BF16 checkpoint, where input and output are the same bytes.
 FP8 -> BF16 import writes twice the bytes it reads, so its time is also given against cp of what it writes.
 Goals (issue): peak RSS <= 2 x largest shard + 1 GiB, throughput >= 0.5 x cp.
@@ -273,21 +275,15 @@ def main() -> int:
         )
         mcore_bytes = directory_bytes(work / "mcore")
         cp_export = copy_seconds(work / "mcore", work / "copy")
-        exp_s, exp_rss, exp_out = measured(
-            [
-                py,
-                str(CONVERT),
-                "export",
-                "--hf-model",
-                str(hf),
-                "--megatron-path",
-                str(work / "mcore"),
-                "--hf-path",
-                str(work / "export"),
-                "--max-shard-gb",
-                f"{largest / GIB:.3f}",
-            ]
+        export = [py, str(CONVERT), "export", "--hf-model", str(hf), "--megatron-path", str(work / "mcore")]
+        shard_limit = ["--max-shard-gb", f"{largest / GIB:.3f}"]
+        exp_s, exp_rss, exp_out = measured([*export, "--hf-path", str(work / "export"), *shard_limit])
+        fp8_s, fp8_rss, fp8_out = measured(
+            [*export, "--hf-path", str(work / "export_fp8"), *shard_limit, "--dtype", "fp8"]
         )
+        fp8_bytes = directory_bytes(work / "export_fp8")
+        cp_fp8 = copy_seconds(work / "export_fp8", work / "copy")
+        shutil.rmtree(work / "export_fp8")
         shutil.rmtree(work / "mcore")  # disk space for the BF16 round
         export_bytes = directory_bytes(work / "export")
         cp_bf16 = copy_seconds(work / "export", work / "copy")
@@ -302,6 +298,7 @@ def main() -> int:
         rows = (
             ("import", total, cp_import, imp_s, imp_converting, imp_rss),
             ("export", mcore_bytes, cp_export, exp_s, reported_seconds(exp_out), exp_rss),
+            ("export --dtype fp8", mcore_bytes, cp_export, fp8_s, reported_seconds(fp8_out), fp8_rss),
             ("import from BF16", export_bytes, cp_bf16, bf16_s, reported_seconds(bf16_out), bf16_rss),
         )
         for name, nbytes, cp_s, seconds, converting, rss in rows:
@@ -316,6 +313,13 @@ def main() -> int:
         print(
             f"import output: {mcore_bytes / GIB:.2f} GiB written (cp -r of it {cp_export:.1f} s); against that cp, "
             f"command {cp_export / imp_s:.2f} x, conversion alone {cp_export / imp_converting:.2f} x"
+        )
+        fp8_converting = reported_seconds(fp8_out)
+        print(
+            f"export --dtype fp8 output: {fp8_bytes / GIB:.2f} GiB written (cp -r of it {cp_fp8:.1f} s); against "
+            f"that cp, command {cp_fp8 / fp8_s:.2f} x, conversion alone {cp_fp8 / fp8_converting:.2f} x "
+            f"(goal >= 0.5 x); BF16 export for comparison: {export_bytes / GIB:.2f} GiB written, command "
+            f"{exp_s:.1f} s, peak RSS {exp_rss:.2f} GiB; FP8 export {fp8_s:.1f} s, peak RSS {fp8_rss:.2f} GiB"
         )
     finally:
         if not args.keep:

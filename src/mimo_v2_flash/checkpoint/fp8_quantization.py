@@ -25,7 +25,6 @@ from mimo_v2_flash.checkpoint.fp8_scale_layouts import (
     parse_kv_layout,
     per_rank_rows,
     rank_fused_rows,
-    rows_amax,
     shadowed_v_rows,
 )
 
@@ -53,29 +52,35 @@ def quantize_rows(
     col_blocks = math.ceil(cols / col_block)
     amax = torch.zeros(scale_rows, col_blocks)
     for name, weight in weights.items():
-        if weight.shape[1] != cols or row_maps[name].numel() != weight.shape[0]:
+        if weight.dim() != 2 or weight.shape[1] != cols or row_maps[name].numel() != weight.shape[0]:
             raise ValueError(f"{name}: shape {tuple(weight.shape)} does not fit its scale layout")
         index = row_maps[name][:, None].expand(-1, col_blocks)
         for start in range(0, weight.shape[0], ROW_CHUNK):
-            chunk = rows_amax(weight[start : start + ROW_CHUNK], col_block)
-            amax.scatter_reduce_(0, index[start : start + ROW_CHUNK], chunk, reduce="amax")
+            blocks = _column_blocks(weight[start : start + ROW_CHUNK], col_block)
+            amax.scatter_reduce_(0, index[start : start + ROW_CHUNK], blocks.abs().amax(-1), reduce="amax")
+        if not torch.isfinite(amax).all():
+            raise ValueError(f"{name}: holds NaN or infinite values, which FP8 cannot store")
     scales = (amax / FP8_MAX).clamp_(min=MIN_SCALE)
     for source, copy in shadowed:
         scales[copy] = scales[source]
-    padded_cols = col_blocks * col_block
     quantized = {}
     for name, weight in weights.items():
         out = torch.empty(weight.shape, dtype=FP8_DTYPE)
         for start in range(0, weight.shape[0], ROW_CHUNK):
-            rows = weight[start : start + ROW_CHUNK].float()
-            if padded_cols != cols:
-                rows = torch.nn.functional.pad(rows, (0, padded_cols - cols))
-            row_scales = scales[row_maps[name][start : start + ROW_CHUNK]]
-            values = rows.view(rows.shape[0], col_blocks, col_block).div_(row_scales[:, :, None])
-            values = values.clamp_(-FP8_MAX, FP8_MAX).view(rows.shape[0], padded_cols)[:, :cols]
-            out[start : start + ROW_CHUNK] = values.to(FP8_DTYPE)
+            blocks = _column_blocks(weight[start : start + ROW_CHUNK], col_block)
+            blocks.div_(scales[row_maps[name][start : start + ROW_CHUNK]][:, :, None]).clamp_(-FP8_MAX, FP8_MAX)
+            out[start : start + ROW_CHUNK] = blocks.view(blocks.shape[0], -1)[:, :cols].to(FP8_DTYPE)
         quantized[name] = out
     return quantized, scales
+
+
+def _column_blocks(rows: torch.Tensor, col_block: int) -> torch.Tensor:
+    """``rows`` as a new fp32 tensor ``[rows, column blocks, col_block]`` (the last block zero-padded)."""
+    values = rows.float() if rows.dtype != torch.float32 else rows.clone()
+    padding = -values.shape[1] % col_block
+    if padding:
+        values = torch.nn.functional.pad(values, (0, padding))
+    return values.view(values.shape[0], -1, col_block)
 
 
 def quantize_blockwise(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
