@@ -192,7 +192,10 @@ def test_transformers_loads_export_and_agrees_with_megatron(fp8_hf, tmp_path):
 def test_inspect_fp8_reports_layout_and_evidence(fp8_hf, capsys):
     assert convert(["inspect-fp8", "--hf-model", str(fp8_hf)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    v_line = next(line for line in lines if line.startswith("swa.self_attn.v_proj:"))
-    assert "'fused_kv_split': 2" in v_line and re.search(r"fused_kv_split (\d+)/\1$", v_line), v_line
+    # The release's rule: one KV head per rank on full layers (fused_kv_split), two on SWA layers (whole blocks).
+    v_line = next(line for line in lines if line.startswith("full.self_attn.v_proj:"))
+    assert "'fused_kv_split': 2" in v_line and re.search(r"fused_kv_split[^;]* (\d+)/\1$", v_line), v_line
     assert "(rejected for 2 tensors)" in v_line  # the other candidates that fit the shapes, with their counts
+    swa_line = next(line for line in lines if line.startswith("swa.self_attn.v_proj:"))
+    assert "layout {'grid': 2}" in swa_line, swa_line
     assert any(line.startswith("experts.gate_proj:") and "'grid'" in line for line in lines)
