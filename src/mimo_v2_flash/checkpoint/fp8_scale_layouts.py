@@ -172,7 +172,7 @@ def check_against_data(
     amax = torch.zeros(scale_rows, col_blocks)
     used = torch.zeros(scale_rows, dtype=torch.bool)
     for name, row_map in candidate.row_maps.items():
-        index = row_map[:, None].expand(-1, col_blocks)
+        index = row_map[:, None].expand(-1, col_blocks).contiguous()  # a stride-0 index is ~100x slower
         amax.scatter_reduce_(0, index, fp8_rows_amax[name], reduce="amax")
         used[row_map] = True
     blocks = amax[used]
