@@ -111,7 +111,9 @@ def test_inspect_fp8_reports_each_layer_kind_without_reading_experts(base, tmp_p
     monkeypatch.setattr(HFCheckpoint, "get", lambda self, n, *a: read.append(n) or original(self, n, *a))
     assert convert(["inspect-fp8", "--hf-model", str(fp8_dir)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert read and all("self_attn.k_proj" in n or "self_attn.v_proj" in n for n in read), read
+    # K/V weights and scales decide the layouts; the serving report adds the q_proj scales (never a weight).
+    kv_or_q_scale = ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj.weight_scale_inv")
+    assert read and all(any(part in n for part in kv_or_q_scale) for n in read), read
     full = next(line for line in lines if line.startswith("full.self_attn.v_proj:"))
     assert "'fused_kv_split': 1" in full and "'per_rank:2': 1" in full and "blocks with |fp8| = 448" in full
     assert next(line for line in lines if line.startswith("mtp.self_attn.k_proj:")).count("'grid': 1")
