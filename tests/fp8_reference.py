@@ -4,6 +4,10 @@ for the tests (row by row, no code shared with the package).
 Each weight row is owned by one scale: ``owner(row) -> (tensor, scale row)``. A block is all rows with one owner
 within one column block; quantization scales each block so its largest magnitude becomes 448, dequantization
 multiplies every element by its owner's scale.
+
+``rank_fused:T``: the KV heads cut into ``T`` rank slices; each rank's ``[K_r; V_r]`` quantized on one grid of
+``bm``-row blocks, a block owned by the projection it starts in. V stores ``ceil(V_r / bm)`` scale rows per rank;
+a row no V block starts in repeats that rank's last K block.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ def owners(layout: str, which: str, heads: int, dk: int, dv: int, bm: int) -> li
     rows = heads * (dk if which == "k" else dv)
     result = []
     for row in range(rows):
-        if layout == "grid":
+        if layout.startswith("rank_fused:"):
+            result.append(rank_fused_owner(which, row, heads, dk, dv, bm, int(layout.split(":")[1])))
+        elif layout == "grid":
             result.append((which, row // bm))
         elif layout.startswith("per_rank:"):
             ranks = int(layout.split(":")[1])
@@ -43,8 +49,38 @@ def owners(layout: str, which: str, heads: int, dk: int, dv: int, bm: int) -> li
     return result
 
 
+def rank_fused_owner(which: str, row: int, heads: int, dk: int, dv: int, bm: int, ranks: int) -> tuple[str, int]:
+    """Owner of one K or V row under ``rank_fused:ranks``."""
+    k_rank, v_rank = heads // ranks * dk, heads // ranks * dv
+    k_per_rank, v_per_rank = math.ceil(k_rank / bm), math.ceil(v_rank / bm)
+    if which == "k":
+        rank, offset = divmod(row, k_rank)
+        return "k", rank * k_per_rank + offset // bm
+    rank, offset = divmod(row, v_rank)
+    block = (k_rank + offset) // bm  # the rank's fused row block
+    if block < k_per_rank:
+        return "k", rank * k_per_rank + block
+    return "v", rank * v_per_rank + block - k_per_rank
+
+
+def rank_fused_padding(heads: int, dk: int, dv: int, bm: int, ranks: int) -> list[tuple[int, int]]:
+    """``rank_fused:ranks``: (K scale row, V scale row) pairs where a V row no V block starts in repeats K's last
+    block of the rank."""
+    k_rank, v_rank = heads // ranks * dk, heads // ranks * dv
+    k_per_rank, v_per_rank = math.ceil(k_rank / bm), math.ceil(v_rank / bm)
+    v_used = math.ceil((k_rank + v_rank) / bm) - k_per_rank
+    return [
+        (rank * k_per_rank + k_per_rank - 1, rank * v_per_rank + slot)
+        for rank in range(ranks)
+        for slot in range(v_used, v_per_rank)
+    ]
+
+
 def scale_rows(layout: str, which: str, heads: int, dk: int, dv: int, bm: int) -> int:
     """Rows of the stored scale tensor ('k' or 'v')."""
+    if layout.startswith("rank_fused:"):
+        ranks = int(layout.split(":")[1])
+        return ranks * math.ceil(heads // ranks * (dk if which == "k" else dv) / bm)
     if layout == "fused_kv" and which == "v":
         return heads * ((dk + dv - 1) // bm + 1 - dk // bm)  # the shared block is stored by V too
     return 1 + max(r for t, r in owners(layout, which, heads, dk, dv, bm) if t == which)
@@ -70,6 +106,9 @@ def quantize(k: torch.Tensor, v: torch.Tensor, heads: int, block: tuple[int, int
         per_head = scales["v"].shape[0] // heads
         for head in range(heads):
             scales["v"][head * per_head] = scales["k"][head * math.ceil(dk / bm) + math.ceil(dk / bm) - 1]
+    if layout.startswith("rank_fused:"):
+        for k_row, v_row in rank_fused_padding(heads, dk, dv, bm, int(layout.split(":")[1])):
+            scales["v"][v_row] = scales["k"][k_row]
     quantized = {}
     for which in "kv":
         rows = [
