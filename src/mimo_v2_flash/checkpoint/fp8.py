@@ -11,8 +11,10 @@ are never guessed from ``rows // scale_rows``.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -33,6 +35,7 @@ from mimo_v2_flash.checkpoint.fp8_scale_layouts import (
 from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
 
 SCALE_SUFFIX = "_scale_inv"
+LAYOUT_RECORD = "fp8_layouts.json"  # the scale layout of each FP8 tensor, as the writer of a checkpoint recorded it
 HALF_EXPONENT_SHIFT = 8  # float16's exponent bias 15 minus float8_e4m3fn's 7
 FP8_MAX_SCALED = FP8_MAX * 2.0**-HALF_EXPONENT_SHIFT
 
@@ -98,6 +101,22 @@ def _fp8_as_scaled_float(weight: torch.Tensor, bits: torch.Tensor, out: torch.Te
     return bool(high <= FP8_MAX_SCALED) and bool(low >= -FP8_MAX_SCALED)
 
 
+def read_layout_record(directory: Path) -> dict:
+    """``directory``'s :data:`LAYOUT_RECORD` (written by this project's import next to a Megatron checkpoint and by
+    its FP8 export next to the shards), or ``{}``."""
+    path = Path(directory) / LAYOUT_RECORD
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: unreadable FP8 layout record ({error})") from None
+    layouts = record.get("layouts") if isinstance(record, dict) else None
+    if not isinstance(layouts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in layouts.items()):
+        raise CheckpointError(f"{path}: FP8 layout record without a 'layouts' map of tensor names to layouts")
+    return record
+
+
 class FP8Checkpoint:
     """Dequantizing view of an :class:`HFCheckpoint`: weights come out in a float dtype, scales are hidden."""
 
@@ -111,6 +130,7 @@ class FP8Checkpoint:
         except ValueError as error:
             raise CheckpointError(str(error)) from None
         self._layouts: dict[str, ScaleLayout] = {}
+        self.recorded = read_layout_record(checkpoint.directory).get("layouts", {})
         self._check_pairs()
 
     @property
@@ -299,7 +319,7 @@ class FP8Checkpoint:
             return data, scales
 
         try:
-            return decide(candidates, load, always_check)
+            return decide(candidates, load, always_check, self.recorded.get(names[0]))
         except LayoutError as error:
             raise CheckpointError(self._unexplained(names, str(error))) from None
 

@@ -13,7 +13,6 @@ quantizer (:func:`quantize_rows`), so memory holds at most one layer's K and V b
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -21,14 +20,13 @@ from pathlib import Path
 
 import torch
 
-from mimo_v2_flash.checkpoint.fp8 import FP8_DTYPE, SCALE_SUFFIX, FP8Checkpoint
+from mimo_v2_flash.checkpoint.fp8 import FP8_DTYPE, SCALE_SUFFIX, FP8Checkpoint, read_layout_record
 from mimo_v2_flash.checkpoint.fp8_quantization import kv_row_maps, quantize_rows
 from mimo_v2_flash.checkpoint.fp8_scale_layouts import grid_rows
 from mimo_v2_flash.checkpoint.fp8_serving import AttentionGeometry, serve_kv_layout
 from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
 
 RELEASE_BLOCK = (128, 128)
-LAYOUT_RECORD = "fp8_layouts.json"
 KEEP_FP32 = ("e_score_correction_bias",)
 # Tensors the release keeps unquantized although they are 2-D projections or weights.
 FP8_EXCLUDED = ("o_proj", "eh_proj", "mlp.gate.", "embed_tokens", "lm_head", "norm", "attention_sink_bias")
@@ -131,6 +129,11 @@ class FP8ExportPlan:
     def scale_names(self) -> list[str]:
         return [name + SCALE_SUFFIX for name in self.groups]
 
+    def record(self) -> dict:
+        """The layouts written, for the output's :data:`LAYOUT_RECORD` (what a reader of the export may consult
+        where the data alone cannot choose between layouts)."""
+        return {"kv_layout": "auto", "layouts": {name: group.kind for name, group in sorted(self.groups.items())}}
+
 
 def plan_fp8_export(
     source_dir: Path, kv_layout: str = "auto", serve_tp: int | None = None, record: dict | None = None
@@ -175,15 +178,12 @@ def layout_record(reader: FP8Checkpoint, kv_layout: str) -> dict:
     }
 
 
-def read_layout_record(directories: Iterable[Path]) -> dict | None:
+def find_layout_record(directories: Iterable[Path]) -> dict | None:
     """The first import record found in ``directories`` (a fine-tuning output keeps it under ``pretrained/``)."""
     for directory in directories:
-        path = Path(directory) / LAYOUT_RECORD
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as error:
-                raise CheckpointError(f"{path}: unreadable FP8 layout record ({error})") from None
+        record = read_layout_record(directory)
+        if record:
+            return record
     return None
 
 

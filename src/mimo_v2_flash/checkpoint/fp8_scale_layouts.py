@@ -221,12 +221,15 @@ def decide(
     candidates: list[Candidate],
     load: Callable[[Candidate], tuple[dict[str, torch.Tensor], torch.Tensor]],
     always_check: bool,
+    recorded_kind: str | None = None,
 ) -> tuple[Candidate, list[Candidate]]:
     """The one candidate the data supports, and the candidates considered (checked ones carry their evidence).
 
     ``load(candidate)`` returns the per-row block amax of each tensor (see :func:`rows_amax`) and the candidate's
     concatenated scales. Without ``always_check`` a single candidate is taken from the shapes alone. Several
-    survivors are accepted only when they give every element the same scale.
+    survivors are accepted only when they give every element the same scale, or when one of them is the layout
+    the checkpoint's writer recorded (``recorded_kind``): the record chooses among what the data allows, never
+    against it.
     """
     candidates = merge_identical(candidates)
     if not candidates:
@@ -242,5 +245,8 @@ def decide(
     for other in survivors[1:]:
         scales = effective_scales(other, load(other)[1])
         if not all(torch.equal(first[n], scales[n]) for n in first):
+            recorded = next((c for c in survivors if recorded_kind in (c.kind, *c.aliases)), None)
+            if recorded is not None:
+                return recorded, candidates
             raise LayoutError(f"ambiguous, several layouts fit the data: {evidence_line(candidates)}")
     return survivors[0], candidates

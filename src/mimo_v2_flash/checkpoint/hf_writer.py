@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from mimo_v2_flash.checkpoint.fp8 import LAYOUT_RECORD
 from mimo_v2_flash.checkpoint.hf_checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError
 from mimo_v2_flash.checkpoint.output_dirs import replace_directory, staging_dir
 from mimo_v2_flash.config import with_native_fields
@@ -112,7 +113,9 @@ def copy_artifacts(source: Path, target: Path) -> list[str]:
     """Copy tokenizer files, remote code and other non-weight files (config.json is written separately)."""
     copied = []
     for item in sorted(source.iterdir()):
-        if item.name in ("config.json", INDEX_NAME) or item.name.endswith(WEIGHT_FILES) or item.name.startswith("."):
+        if item.name in ("config.json", INDEX_NAME, LAYOUT_RECORD) or item.name.endswith(WEIGHT_FILES):
+            continue
+        if item.name.startswith("."):
             continue
         if item.is_file():
             shutil.copy2(item, target / item.name)
@@ -211,6 +214,8 @@ def write_hf_checkpoint(
             config["quantization_config"] = quantizer.quantization_config
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copied = copy_artifacts(original_dir, staging)
+        if quantizer is not None:
+            (staging / LAYOUT_RECORD).write_text(json.dumps(quantizer.record(), indent=1) + "\n")
         for written in staging.iterdir():
             written.chmod(0o644)
         replace_directory(staging, output_dir)

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mimo_v2_flash.checkpoint.fp8 import FP8_DTYPE, SCALE_SUFFIX, FP8Checkpoint
-from mimo_v2_flash.checkpoint.fp8_export import LAYOUT_RECORD, layout_record, plan_fp8_export, read_layout_record
+from mimo_v2_flash.checkpoint.fp8 import FP8_DTYPE, LAYOUT_RECORD, SCALE_SUFFIX, FP8Checkpoint
+from mimo_v2_flash.checkpoint.fp8_export import find_layout_record, layout_record, plan_fp8_export
 from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
 from mimo_v2_flash.checkpoint.output_dirs import check_output_dir, replace_directory, staging_dir
 from mimo_v2_flash.checkpoint.validation import validate_checkpoint
@@ -157,7 +157,7 @@ def export_checkpoint(
         searched = [megatron_path, megatron_path / "pretrained"]
         if lora_run is not None:
             searched.append(lora_run.base_checkpoint)
-        quantizer = plan_fp8_export(hf_dir, serve_tp=fp8_serve_tp, record=read_layout_record(searched))
+        quantizer = plan_fp8_export(hf_dir, serve_tp=fp8_serve_tp, record=find_layout_record(searched))
         expected_scales = set(quantizer.scale_names())
         dtype = torch.bfloat16  # of the PEFT adapter and config.json's torch_dtype
     elif fp8_serve_tp is not None:

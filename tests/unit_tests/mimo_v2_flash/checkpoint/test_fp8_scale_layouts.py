@@ -4,9 +4,8 @@ forced layouts."""
 
 from __future__ import annotations
 
-import re
-
 import json
+import re
 from pathlib import Path
 
 import fp8_reference
@@ -87,6 +86,44 @@ def test_candidates_the_data_cannot_tell_apart_are_an_error_listing_them(tmp_pat
     with pytest.raises(CheckpointError, match=r"k_proj\.weight weight \(48, 32\) scale \(4, 2\).*ambiguous") as error:
         reader.get(P + "k_proj.weight")
     assert re.search(r"fused_kv_split[^;]* 12/12 blocks at 448", str(error.value)) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("recorded", "decided"), [("fused_kv_split", "fused_kv_split"), ("per_rank:2", "per_rank:2")])
+def test_a_writers_record_chooses_among_the_layouts_the_data_allows(tmp_path, recorded, decided):
+    """Data that fits several layouts (tiny, every value at 448) is read as the writer recorded it."""
+    heads, dk, dv, block = 2, 24, 16, (16, 16)
+    qk = torch.full((heads * dk, 32), 448.0).to(torch.float8_e4m3fn)
+    qv = torch.full((heads * dv, 32), 448.0).to(torch.float8_e4m3fn)
+    sk, sv = torch.rand(4, 2) + 0.5, torch.rand(2, 2) + 0.5
+    tmp_path.mkdir(exist_ok=True)
+    record = {"kv_layout": "auto", "layouts": {P + "k_proj.weight": recorded, P + "v_proj.weight": recorded}}
+    (tmp_path / "fp8_layouts.json").write_text(json.dumps(record))
+    reader = kv_reader(tmp_path, (qk, sk, qv, sv), dk, dv, block)
+    assert reader.layout(P + "v_proj.weight").kind == decided
+    want_k, want_v = fp8_reference.dequantize(qk, sk, qv, sv, heads, block, decided)
+    assert torch.equal(reader.get(P + "k_proj.weight"), want_k) and torch.equal(
+        reader.get(P + "v_proj.weight"), want_v
+    )
+
+
+def test_a_record_the_data_contradicts_is_not_followed(tmp_path):
+    """A recorded layout is only a tie-break: fused_kv_split data recorded as grid is still read as fused_kv_split."""
+    heads, dk, dv, block = 4, 192, 128, (128, 128)
+    quantized = fp8_reference.quantize(*random_kv(heads, dk, dv, 1024, seed=3), heads, block, "fused_kv_split")
+    tmp_path.mkdir(exist_ok=True)
+    record = {"layouts": {P + "k_proj.weight": "grid", P + "v_proj.weight": "grid"}}
+    (tmp_path / "fp8_layouts.json").write_text(json.dumps(record))
+    reader = kv_reader(tmp_path, quantized, dk, dv, block)
+    assert reader.layout(P + "k_proj.weight").kind == "fused_kv_split"
+
+
+def test_an_unreadable_record_is_a_one_line_error(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "fp8_layouts.json").write_text("{not json")
+    quantized = fp8_reference.quantize(*random_kv(2, 24, 16, 32), 2, (16, 16), "grid")
+    with pytest.raises(CheckpointError, match=r"fp8_layouts\.json: unreadable FP8 layout record") as error:
+        kv_reader(tmp_path, quantized, 24, 16, (16, 16))
+    assert "\n" not in str(error.value)
 
 
 def test_data_no_candidate_explains_is_an_error(tmp_path):
