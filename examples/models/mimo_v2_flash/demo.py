@@ -7,7 +7,9 @@
 4. export it back to HF BF16 shards (convert_checkpoints.py export);
 5. load the export with transformers' native model and check that its logits agree with Megatron's;
 6. fine-tune the FP8 checkpoint on the shipped chat data (finetune.sh; imported on the fly);
-7. export the fine-tuned model and 8. check it against the fine-tuned Megatron model the same way.
+7. export the fine-tuned model and 8. check it against the fine-tuned Megatron model the same way;
+9. export the fine-tuned model in the source's own FP8 format (--dtype fp8) and 10. inspect it: the same scale
+   layouts as the source, and the serving TPs at which vLLM / SGLang read it exactly.
 
 Every step runs the same command line a user would; outputs go to ``--workdir`` (default ``demo_outputs/``).
 """
@@ -134,6 +136,18 @@ def main() -> int:
         "8. transformers loads the fine-tuned export; logits agree with the fine-tuned Megatron model",
         [python, str(HERE / "compare_logits.py"), "--hf-model", str(finetuned_hf)]
         + ["--megatron-path", str(finetune_dir)],
+        log,
+    )
+    finetuned_fp8 = work / "tiny_finetuned_fp8_hf"
+    step(
+        "9. export the fine-tuned model in the release's FP8 format",
+        [python, str(HERE / "convert_checkpoints.py"), "export", "--hf-model", str(hf_dir)]
+        + ["--megatron-path", str(finetune_dir), "--hf-path", str(finetuned_fp8), "--dtype", "fp8"],
+        log,
+    )
+    step(
+        "10. FP8 scale layouts of the FP8 export, and the serving TPs that read it exactly",
+        [python, str(HERE / "convert_checkpoints.py"), "inspect-fp8", "--hf-model", str(finetuned_fp8)],
         log,
     )
     print(f"\ndemo finished: outputs in {work}, full log in {log}")
