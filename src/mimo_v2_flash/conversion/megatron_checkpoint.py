@@ -144,6 +144,9 @@ class _MetadataOnceReader(FileSystemReader):
         return self._parsed_metadata
 
 
+LARGE_WEIGHT_BYTES = 32 * 1024**2
+
+
 def _group_of(name: str, key: str) -> str:
     """Load unit: one routed expert's weight (read on its own), the rest of one decoder / MTP layer, or the
     remaining top-level tensors."""
@@ -201,7 +204,10 @@ def iter_hf_weights(path: str | Path, mapping_registry, lora=None, adapter_sink=
     groups: dict[str, list[str]] = {}
     for name, item in sharded.items():
         if isinstance(item, (ShardedTensor, ShardedTensorFactory)):
-            groups.setdefault(_group_of(name, item.key), []).append(name)
+            # A large weight (the dense layer's linear_fc1 is 256 MiB in bf16) is read on its own, so a layer's
+            # large weights are never resident together.
+            large = item.data.numel() * item.data.element_size() >= LARGE_WEIGHT_BYTES
+            groups.setdefault(name if large else _group_of(name, item.key), []).append(name)
     for group in sorted(groups, key=_group_sort_key):
         if ".local_experts." in group:
             # built at EP 1, so the local expert index is the global one
@@ -237,7 +243,8 @@ def iter_hf_weights(path: str | Path, mapping_registry, lora=None, adapter_sink=
 
 
 def _group_sort_key(group: str) -> tuple:
-    if group == "other":
-        return (2,)
+    """Decoder layers in order, then MTP layers, then the top-level tensors (embedding, final norm, output layer)."""
     parts = group.split(".")
-    return (0 if group.startswith("decoder") else 1, int(parts[2]), group)
+    if group.startswith(("decoder.layers.", "mtp.layers.")) and len(parts) > 2:
+        return (0 if group.startswith("decoder") else 1, int(parts[2]), group)
+    return (2, group)
