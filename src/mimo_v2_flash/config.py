@@ -16,6 +16,7 @@ win when present, and a file carrying both spellings must be self-consistent.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,66 @@ def parse_architecture(cfg: dict[str, Any]) -> MiMoV2FlashArchitecture:
         hidden_act="silu",
         torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
     )
+
+
+# Each architecture value that has both spellings: (hub fields, transformers-native fields).
+SPELLINGS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (("hybrid_layer_pattern",), ("layer_types",)),
+    (("moe_layer_freq",), ("mlp_layer_types",)),
+    (("rope_theta", "swa_rope_theta", "partial_rotary_factor"), ("rope_parameters",)),
+    (("layernorm_epsilon",), ("rms_norm_eps",)),
+    (("sliding_window_size",), ("sliding_window",)),
+    (("torch_dtype",), ("dtype",)),
+)
+
+
+def config_edits(current: dict[str, Any], loaded: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """What was changed in memory: ``(edited fields, removed fields)`` of ``current`` (an HF config's ``to_dict``)
+    against ``loaded`` (the same class freshly loaded from the same directory).
+
+    Both went through the same config class, so its defaults and dropped fields cancel out and only the caller's
+    changes (attribute edits, keyword overrides at load time) remain. Private and version bookkeeping is no edit.
+    """
+
+    def bookkeeping(name: str) -> bool:
+        return name.startswith("_") or name == "transformers_version"
+
+    edits = {k: v for k, v in current.items() if not bookkeeping(k) and (k not in loaded or loaded[k] != v)}
+    removed = [k for k in loaded if k not in current and not bookkeeping(k)]
+    return edits, removed
+
+
+def apply_config_edits(raw: dict[str, Any], edits: dict[str, Any], removed: Collection[str] = ()) -> dict[str, Any]:
+    """``raw`` (a ``config.json`` dict) with in-memory edits applied, in either spelling.
+
+    :func:`parse_architecture` reads the hub spelling where present, so an edit in one spelling takes the other
+    spelling's fields out; an edit made in both spellings must describe the same architecture. An edit that
+    cannot be honoured raises :class:`MiMoV2FlashConfigError` rather than being ignored.
+    """
+    cfg = {k: v for k, v in raw.items() if k not in removed}
+    cfg.update(edits)
+    edited_both = []
+    for hub, native in SPELLINGS:
+        hub_edited, native_edited = any(n in edits for n in hub), any(n in edits for n in native)
+        if hub_edited and native_edited:
+            edited_both.append((hub, native))
+        elif hub_edited or native_edited:
+            edited, stale = (hub, native) if hub_edited else (native, hub)
+            missing = [n for n in edited if cfg.get(n) is None]
+            if missing:
+                # Reading the other spelling would ignore the edit.
+                raise MiMoV2FlashConfigError(
+                    f"{' / '.join(n for n in edited if n in edits)} edited but {', '.join(missing)} not set: "
+                    f"edit {' / '.join(stale)} instead"
+                )
+            for name in stale:
+                cfg.pop(name, None)
+    for hub, native in edited_both:
+        as_hub = parse_architecture({k: v for k, v in cfg.items() if k not in native})
+        as_native = parse_architecture({k: v for k, v in cfg.items() if k not in hub})
+        if as_hub != as_native:
+            raise MiMoV2FlashConfigError(f"edited {' / '.join(hub)} and {' / '.join(native)} disagree")
+    return cfg
 
 
 def architecture_fields(arch: MiMoV2FlashArchitecture) -> dict[str, Any]:

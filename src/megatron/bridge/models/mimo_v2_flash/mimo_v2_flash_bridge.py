@@ -19,6 +19,8 @@ from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
 from mimo_v2_flash.config import (
     SLIDING_ATTENTION,
     MiMoV2FlashArchitecture,
+    apply_config_edits,
+    config_edits,
     load_config_dict,
     parse_architecture,
     with_native_fields,
@@ -92,12 +94,22 @@ class MiMoV2FlashBridge(MegatronModelBridge):
             cls._shared_reader = previous
 
     def provider_bridge(self, hf_pretrained) -> MiMoV2FlashModelProvider:
-        """Provider from the checkpoint's raw ``config.json`` (hub fields win) and its MTP keys."""
+        """Provider from the checkpoint's raw ``config.json`` with the in-memory config's edits over it, and the
+        checkpoint's MTP keys.
+
+        transformers' native config class drops or refills the hub fields of a hub-form file, so the file is the
+        base. What the caller changed in memory (attributes set on ``hf_pretrained.config``, keyword overrides of
+        ``from_hf_pretrained``) is its difference from the same class freshly loaded from the same directory; it
+        wins over the file, in either spelling, or is refused (``apply_config_edits``). Without a directory
+        (``from_hf_config`` of a config built in memory) the in-memory config is all there is.
+        """
+        config = hf_pretrained.config
         source = getattr(hf_pretrained, "model_name_or_path", None)
-        if source is not None and (Path(source) / "config.json").is_file():
-            raw = load_config_dict(source)
+        if source and (Path(source) / "config.json").is_file():
+            edits, removed = config_edits(config.to_dict(), type(config).from_pretrained(source).to_dict())
+            raw = apply_config_edits(load_config_dict(source), edits, removed)
         else:
-            raw = hf_pretrained.config.to_dict()
+            raw = config.to_dict()
         mtp_layers = 0
         state = getattr(hf_pretrained, "state", None)
         if state is not None and getattr(state, "source", None) is not None:

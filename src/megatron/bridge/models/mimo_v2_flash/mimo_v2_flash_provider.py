@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from megatron.bridge.models.gpt_provider import GPTModelProvider
@@ -77,22 +80,58 @@ CPU_MODEL_SETTINGS = {
 """Model settings a host without CUDA needs (configuration, not patches; see :func:`backend_settings`)."""
 
 
+GPU_MODEL_SETTINGS = {
+    "moe_grouped_gemm": True,
+    "moe_token_dispatcher_type": "alltoall",
+    "moe_permute_fusion": True,
+    "cross_entropy_loss_fusion": True,
+    "cross_entropy_fusion_impl": "te",
+    "bias_activation_fusion": True,
+    "bias_dropout_fusion": True,
+    "masked_softmax_fusion": True,
+    # The fused RoPE kernel is not verified with MiMo's partial (64 of 192 dims), dual-base rotary tables.
+    "apply_rope_fusion": False,
+    "use_cpu_initialization": False,
+}
+"""Model settings of upstream's large-MoE GPU recipes (DeepSeek-V3, Qwen3-MoE) for a host with CUDA; the local
+backend turns the TE-only ones off (:data:`LOCAL_BACKEND_SETTINGS`).
+
+Training-only settings are the recipe's: gradient-accumulation fusion writes into the ``main_grad`` buffers of
+Megatron's DDP wrapper (a model built without it, as for inference or a plain backward pass, fails in backward),
+and selective recompute trades compute for activation memory."""
+
+
 def backend_settings(backend: str = "auto") -> dict:
     """Model settings that select the backend a checkpoint is built with *here*, whatever it was saved with.
 
     ``auto``: TransformerEngine where it is usable (CUDA and TE installed), the local backend otherwise; ``te`` /
-    ``local`` force one. The local backend turns TE-only features off; a host without CUDA adds its own settings
-    (:data:`CPU_MODEL_SETTINGS`).
+    ``local`` force one. A host with CUDA starts from :data:`GPU_MODEL_SETTINGS`, the local backend turns TE-only
+    features off, and a host without CUDA adds its own settings (:data:`CPU_MODEL_SETTINGS`). These are also the
+    defaults of :class:`MiMoV2FlashModelProvider` (``auto``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     use_te = transformer_engine_usable() if backend == "auto" else backend == "te"
     settings: dict = {"use_transformer_engine": use_te}
+    if torch.cuda.is_available():
+        settings.update(GPU_MODEL_SETTINGS)
     if not use_te:
         settings.update(LOCAL_BACKEND_SETTINGS)
     if not torch.cuda.is_available():
         settings.update(CPU_MODEL_SETTINGS)
     return settings
+
+
+def host_default(name: str, otherwise: Any = None) -> Any:
+    """This host's value of a model setting (:func:`backend_settings` ``auto``), or ``otherwise`` where it sets
+    none; a fresh copy, so no list is shared between providers or with the settings tables."""
+    return copy.deepcopy(backend_settings("auto").get(name, otherwise))
+
+
+def _host_field(name: str, otherwise: Any = None) -> Any:
+    # Resolved when a provider is created, so a framework building it on a GPU host gets the GPU configuration and
+    # one on a CPU host the CPU configuration; an explicit value (or a saved run config) wins.
+    return field(default_factory=functools.partial(host_default, name, otherwise))
 
 
 @dataclass
@@ -133,20 +172,28 @@ class MiMoV2FlashModelProvider(GPTModelProvider):
     moe_router_load_balancing_type: str = "none"
     moe_router_bias_update_rate: float = 0.0
     moe_aux_loss_coeff: float = 0.0
-    moe_grouped_gemm: bool = False
-    moe_token_dispatcher_type: str = "allgather"
     moe_shared_expert_intermediate_size: int | None = None
 
-    apply_rope_fusion: bool = False
-    masked_softmax_fusion: bool = False
-    bias_activation_fusion: bool = False
-    bias_dropout_fusion: bool = False
-    persist_layer_norm: bool = False
-    gradient_accumulation_fusion: bool = False
-    cross_entropy_loss_fusion: bool = False
+    # This host's settings (backend_settings("auto")): the GPU configuration with CUDA and TE, the local backend
+    # without TE, the CPU settings without CUDA.
+    moe_grouped_gemm: bool = _host_field("moe_grouped_gemm", False)
+    moe_token_dispatcher_type: str = _host_field("moe_token_dispatcher_type", "allgather")
+    moe_permute_fusion: bool = _host_field("moe_permute_fusion", False)
+    apply_rope_fusion: bool = _host_field("apply_rope_fusion", False)
+    masked_softmax_fusion: bool = _host_field("masked_softmax_fusion", False)
+    bias_activation_fusion: bool = _host_field("bias_activation_fusion", False)
+    bias_dropout_fusion: bool = _host_field("bias_dropout_fusion", False)
+    persist_layer_norm: bool = _host_field("persist_layer_norm", False)
+    gradient_accumulation_fusion: bool = _host_field("gradient_accumulation_fusion", False)
+    cross_entropy_loss_fusion: bool = _host_field("cross_entropy_loss_fusion", False)
+    cross_entropy_fusion_impl: str = _host_field("cross_entropy_fusion_impl", "native")
+    use_cpu_initialization: bool = _host_field("use_cpu_initialization", False)
+    recompute_granularity: str | None = _host_field("recompute_granularity", None)
+    recompute_modules: list[str] | None = _host_field("recompute_modules", None)
 
     def resolve_backend(self) -> None:
-        """Fix ``use_transformer_engine``; asking for TE where it cannot run is an error."""
+        """Fix ``use_transformer_engine``; asking for TE where it cannot run is an error. The local backend gets
+        no TE-only feature (see :meth:`finalize`)."""
         usable = transformer_engine_usable()
         if self.use_transformer_engine is None:
             self.use_transformer_engine = usable
@@ -157,6 +204,27 @@ class MiMoV2FlashModelProvider(GPTModelProvider):
                 f"{importlib.util.find_spec('transformer_engine') is not None}); use_transformer_engine=False "
                 "selects the pure-torch local backend"
             )
+        if not self.use_transformer_engine:
+            self._without_te_only_features()
+
+    def finalize(self) -> None:
+        """Upstream's finalization (the Megatron-Core config checks), for the backend chosen.
+
+        ``use_transformer_engine=False`` alone selects a working local backend: the TE-only features that a TE
+        host's defaults (or a run config written there) turn on are turned off, as :func:`backend_settings`
+        ``local`` does, before the checks see them.
+        """
+        if self.use_transformer_engine is False:
+            self._without_te_only_features()
+        super().finalize()
+
+    def _without_te_only_features(self) -> None:
+        for name, value in LOCAL_BACKEND_SETTINGS.items():
+            if isinstance(value, bool):
+                setattr(self, name, value)
+        if self.recompute_modules and "moe_act" in self.recompute_modules:
+            # Megatron-Core recomputes the MoE activation only with grouped GEMM; other modules stay recomputed.
+            self.recompute_modules = [m for m in self.recompute_modules if m != "moe_act"]
 
     def validate_mimo_layout(self) -> None:
         """Check MiMo-specific fields; every message names the offending field."""
