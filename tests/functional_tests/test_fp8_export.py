@@ -785,13 +785,6 @@ def test_neuron_prepare_dequantizes_the_export_as_the_source(released, exported,
 # rank_fused with a V scale row that repeats K's last block (V fits in fewer blocks than ceil(V_r / bm)).
 
 
-PADDING_BUG = (
-    "fp8_quantization.kv_row_maps and FP8Checkpoint._decide_pair add the K scale rows to rank_fused_rows' padding "
-    "rows, which already include them: IndexError"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=PADDING_BUG)
 def test_release_format_with_v_in_ks_last_block_exports(tmp_path, parallel_state):
     """The tiny maker's head dims (K 24, V 16) on 128-row blocks: each full layer's one head is [K; V] in one
     block, so V's stored scale row only repeats K's."""
@@ -810,7 +803,6 @@ def test_release_format_with_v_in_ks_last_block_exports(tmp_path, parallel_state
     assert_reference_quantization(state, {n: t.bfloat16() for n, t in original.items()}, config, release_rule)
 
 
-@pytest.mark.xfail(strict=True, reason=PADDING_BUG)
 def test_rank_fused_source_with_v_in_ks_last_block_imports_exactly(tmp_path, parallel_state):
     source = write_tiny_checkpoint(tmp_path / "hf", tiny_config(initializer_range=0.02), mtp_layers=1, seed=9)
     fp8_dir = tmp_path / "fp8"

@@ -89,7 +89,8 @@ def rank_fused_rows(
     heads: int, dk: int, dv: int, bm: int, ranks: int
 ) -> tuple[torch.Tensor, torch.Tensor, int, int, list[tuple[int, int]]]:
     """``rank_fused:ranks``: K and V row maps into ``[k_scale; v_scale]``, the K / V scale rows they need, and the
-    (K row, V row) pairs where a V scale row no V block starts in repeats K's last block of that rank."""
+    (K scale row, V scale row) pairs (each counted in its own scale) where a V scale row no V block starts in repeats
+    K's last block of that rank."""
     if ranks <= 0 or heads % ranks:
         raise ValueError(f"rank_fused:{ranks} needs the KV heads ({heads}) to divide into {ranks} ranks")
     k_rank, v_rank = heads // ranks * dk, heads // ranks * dv
@@ -102,7 +103,7 @@ def rank_fused_rows(
         own = ranks * k_per_rank + rank * v_per_rank + block - k_per_rank
         v_maps.append(torch.where(block < k_per_rank, rank * k_per_rank + block, own))
         last_k = rank * k_per_rank + k_per_rank - 1
-        padding += [(last_k, ranks * k_per_rank + rank * v_per_rank + row) for row in range(v_used, v_per_rank)]
+        padding += [(last_k, rank * v_per_rank + row) for row in range(v_used, v_per_rank)]
     return torch.cat(k_maps), torch.cat(v_maps), ranks * k_per_rank, ranks * v_per_rank, padding
 
 
