@@ -39,7 +39,7 @@ from megatron.bridge.training.config import (
 )
 from megatron.bridge.training.model_load_save import load_model_config
 
-from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import LOCAL_BACKEND_SETTINGS
+from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import GPU_MODEL_SETTINGS, LOCAL_BACKEND_SETTINGS
 from mimo_v2_flash.checkpoint.megatron_dirs import latest_iteration_dir
 
 LORA_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
@@ -223,18 +223,10 @@ def preprocessing_for(kind: str):
 def _gpu_model_settings(model) -> None:
     """The model settings of upstream's large-MoE GPU recipes (see the module docstring)."""
     model.use_transformer_engine = True
-    model.moe_grouped_gemm = True
-    model.moe_token_dispatcher_type = "alltoall"
-    model.moe_permute_fusion = True
-    model.cross_entropy_loss_fusion = True
-    model.cross_entropy_fusion_impl = "te"
+    for name, value in GPU_MODEL_SETTINGS.items():
+        setattr(model, name, value)
+    # Training only: the fused weight-gradient accumulation writes into the DDP wrapper's main_grad buffers.
     model.gradient_accumulation_fusion = True
-    model.bias_activation_fusion = True
-    model.bias_dropout_fusion = True
-    model.masked_softmax_fusion = True
-    # The fused RoPE kernel is not verified with MiMo's partial (64 of 192 dims), dual-base rotary tables.
-    model.apply_rope_fusion = False
-    model.use_cpu_initialization = False
     # Long sequences: recompute attention's and the experts' activation inputs instead of keeping them.
     model.recompute_granularity = "selective"
     model.recompute_modules = ["core_attn", "moe_act"]
