@@ -7,7 +7,7 @@ Examples:
   bash finetune.sh
   bash finetune.sh --hf-model /ckpt/MiMo-V2-Flash --data chat.jsonl --output /runs/sft --tp 8 --ep 8
   bash finetune.sh --megatron-path /ckpt/mimo_mcore --data chat.jsonl --peft lora --output /runs/lora
-  torchrun --no-python --nproc-per-node 2 finetune.sh --tp 2 train.log_interval=5
+  torchrun --no-python --nproc-per-node 2 finetune.sh --tp 2 logger.log_interval=5
 
 Any Megatron-Bridge config key can be overridden after the flags in Hydra syntax (section.key=value), as with
 upstream recipes: train.*, model.*, optimizer.*, scheduler.*, checkpoint.*, logger.*, dataset.*, ...
