@@ -183,3 +183,17 @@ def test_other_tensors_with_a_single_fitting_layout_are_not_read(tmp_path, monke
     monkeypatch.setattr(HFCheckpoint, "get", lambda self, n, *a: read.append(n) or original(self, n, *a))
     assert reader.layout(name).kind == "grid"
     assert read == []
+
+
+@pytest.mark.parametrize("layout", ["fused_kv_split", "per_rank:2"])
+@pytest.mark.parametrize("heads", [2, 4])
+def test_small_models_import_exactly_where_only_head_cutting_slices_also_fit(tmp_path, layout, heads):
+    """Hidden 256 (two column blocks), 2 KV heads on full layers and 4 on SWA layers: per_rank:4 on a 2-head K gives
+    the same scale shape as fused_kv_split but would cut each 192-row head in half, which no TP export does."""
+    dk, dv, block = 192, 128, (128, 128)
+    quantized = fp8_reference.quantize(*random_kv(heads, dk, dv, 256, seed=heads), heads, block, layout)
+    reader = kv_reader(tmp_path, quantized, dk, dv, block)
+    want_k, want_v = fp8_reference.dequantize(*quantized, heads, block, layout)
+    assert torch.equal(reader.get(P + "k_proj.weight"), want_k)
+    assert torch.equal(reader.get(P + "v_proj.weight"), want_v)
+    assert layout in (reader.layout(P + "k_proj.weight").kind, *reader.layout(P + "k_proj.weight").aliases)
