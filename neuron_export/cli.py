@@ -60,6 +60,8 @@ def _add_layout_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mimo_v2_flash.checkpoint.fp8_scale_layouts import KV_LAYOUT_CHOICES
+
     parser = argparse.ArgumentParser(
         prog="neuron_export",
         description=__doc__.split("\n\n")[0],
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument(
         "--fp8-kv-layout",
         default="auto",
-        metavar="{auto,grid,fused_kv,fused_kv_split,per_rank:T}",
+        metavar="{" + ",".join(KV_LAYOUT_CHOICES) + "}",
         help="FP8 scale layout of the K/V projections (default auto: decided per layer from the data, "
         "as convert_checkpoints.py import does)",
     )

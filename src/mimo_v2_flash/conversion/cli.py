@@ -26,6 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mimo_v2_flash.checkpoint.fp8_scale_layouts import KV_LAYOUT_CHOICES
 from mimo_v2_flash.runtime.cpu_adaptations import cpu_runtime
 from mimo_v2_flash.runtime.framework_logs import quiet_framework_logs
 
@@ -100,7 +101,7 @@ def add_fp8_kv_layout_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fp8-kv-layout",
         default="auto",
-        metavar="{auto,grid,fused_kv,fused_kv_split,per_rank:T,rank_fused:T}",
+        metavar="{" + ",".join(KV_LAYOUT_CHOICES) + "}",
         help="FP8 scale layout of the K/V projections (default auto: decided per layer from the data)",
     )
 
