@@ -39,21 +39,39 @@ def initialize_parallel_state(
     Without CUDA, call it inside ``cpu_adaptations.cpu_runtime()`` (model building asks CUDA for a device).
     """
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if not torch.distributed.is_initialized():
         # A gloo group still alive at interpreter exit can abort the process after its work is done.
         atexit.register(shutdown_parallel_state)
     init_single_process_group()
+    etp = etp if etp is not None else tp
     if parallel_state.model_parallel_is_initialized():
+        current = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_expert_model_parallel_world_size(),
+            parallel_state.get_expert_tensor_parallel_world_size(),
+            parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        )
+        if current == (tp, pp, ep, etp, vp):
+            # Re-creating the groups would leave the old ones' gloo threads running (destroy_model_parallel only
+            # drops Megatron's references): ~60 threads per call in a process that converts several times.
+            _seed(seed)
+            return
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp if etp is not None else tp,
+        expert_tensor_parallel_size=etp,
         virtual_pipeline_model_parallel_size=vp,
     )
+    _seed(seed)
+
+
+def _seed(seed: int) -> None:
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
     # Without CUDA there are no CUDA RNG states to track; the inference tracker keeps fork() a no-op.
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=cuda_absent())
     torch.manual_seed(seed)
