@@ -60,7 +60,7 @@ def _add_layout_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mimo_v2_flash.checkpoint.fp8_scale_layouts import KV_LAYOUT_CHOICES
+    from mimo_v2_flash.checkpoint.kv_layout_names import KV_LAYOUT_CHOICES
 
     parser = argparse.ArgumentParser(
         prog="neuron_export",

@@ -26,12 +26,12 @@ from mimo_v2_flash.checkpoint.fp8_scale_layouts import (
     decide,
     evidence_line,
     fused_rows,
-    parse_kv_layout,
     rank_fused_rows,
     rows_amax,
     shadowed_v_rows,
     solo_candidates,
 )
+from mimo_v2_flash.checkpoint.kv_layout_names import parse_kv_layout
 from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
 
 SCALE_SUFFIX = "_scale_inv"

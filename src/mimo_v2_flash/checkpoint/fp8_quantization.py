@@ -22,11 +22,11 @@ from mimo_v2_flash.checkpoint.fp8_scale_layouts import (
     FP8_MAX,
     fused_rows,
     grid_rows,
-    parse_kv_layout,
     per_rank_rows,
     rank_fused_rows,
     shadowed_v_rows,
 )
+from mimo_v2_flash.checkpoint.kv_layout_names import parse_kv_layout
 
 ROW_CHUNK = 1024  # rows quantized at a time: bounds the fp32 temporaries of a large weight
 MIN_SCALE = 1e-12 / FP8_MAX  # an all-zero block gets a tiny positive scale instead of 0 (no 0 / 0)

@@ -26,7 +26,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mimo_v2_flash.checkpoint.fp8_scale_layouts import KV_LAYOUT_CHOICES
+from mimo_v2_flash.checkpoint.kv_layout_names import KV_LAYOUT_CHOICES
 from mimo_v2_flash.runtime.cpu_adaptations import cpu_runtime
 from mimo_v2_flash.runtime.framework_logs import quiet_framework_logs
 
