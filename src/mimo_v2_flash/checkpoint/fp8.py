@@ -31,8 +31,8 @@ from mimo_v2_flash.checkpoint.fp8_scale_layouts import (
     shadowed_v_rows,
     solo_candidates,
 )
-from mimo_v2_flash.checkpoint.kv_layout_names import parse_kv_layout
 from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
+from mimo_v2_flash.checkpoint.kv_layout_names import parse_kv_layout
 
 SCALE_SUFFIX = "_scale_inv"
 LAYOUT_RECORD = "fp8_layouts.json"  # the scale layout of each FP8 tensor, as the writer of a checkpoint recorded it
