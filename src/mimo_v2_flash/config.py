@@ -23,6 +23,9 @@ from typing import Any
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
+SPLIT_PROJECTIONS = "split"
+FUSED_PROJECTIONS = "fused_qkv"
+PROJECTION_LAYOUTS = (SPLIT_PROJECTIONS, FUSED_PROJECTIONS)
 
 
 class MiMoV2FlashConfigError(ValueError):
@@ -125,10 +128,25 @@ def _moe_layers(cfg: dict[str, Any], num_layers: int) -> tuple[bool, ...]:
     return layers
 
 
+def projection_layout(cfg: dict[str, Any]) -> str:
+    """How a checkpoint stores attention projections: ``"split"`` (``q_proj``/``k_proj``/``v_proj``, MiMo-V2-Flash
+    and the default) or ``"fused_qkv"`` (one pre-sharded ``qkv_proj``, the MiMo-V2 family; see ``fused_qkv``)."""
+    layout = cfg.get("attention_projection_layout") or SPLIT_PROJECTIONS
+    if layout not in PROJECTION_LAYOUTS:
+        raise MiMoV2FlashConfigError(
+            f"attention_projection_layout={layout!r} is not supported (only {' / '.join(PROJECTION_LAYOUTS)})"
+        )
+    return layout
+
+
 def _rope(cfg: dict[str, Any]) -> tuple[float, float, float]:
     """Return (full theta, SWA theta, partial rotary factor)."""
-    if cfg.get("rope_scaling") not in (None, {}):
-        raise MiMoV2FlashConfigError(f"rope_scaling={cfg['rope_scaling']!r} is not supported (only plain RoPE)")
+    scaling = cfg.get("rope_scaling")
+    if scaling not in (None, {}):
+        # MiMo-V2.5 states plain RoPE as {"rope_type": "default", "type": "default"}; any other type scales.
+        kinds = {scaling.get("rope_type"), scaling.get("type")} - {None} if isinstance(scaling, dict) else None
+        if kinds != {"default"}:
+            raise MiMoV2FlashConfigError(f"rope_scaling={scaling!r} is not supported (only plain RoPE)")
     if cfg.get("rope_theta") is not None and cfg.get("swa_rope_theta") is not None:
         factor = cfg.get("partial_rotary_factor")
         if factor is None:
@@ -176,6 +194,7 @@ def _check_supported(cfg: dict[str, Any], num_heads: int, head_dim: int, v_head_
     for name, value, supported in checks:
         if value != supported:
             raise MiMoV2FlashConfigError(f"{name}={value!r} is not supported (only {supported!r})")
+    projection_layout(cfg)
     if cfg.get("n_shared_experts"):
         raise MiMoV2FlashConfigError(f"n_shared_experts={cfg['n_shared_experts']!r} is not supported (only 0/null)")
     for name, expected in (("swa_num_attention_heads", num_heads), ("swa_head_dim", head_dim)):

@@ -26,11 +26,14 @@ from mimo_v2_flash.checkpoint.fp8_scale_layouts import (
     decide,
     evidence_line,
     fused_rows,
+    grid_rows,
+    per_rank_rows,
     rank_fused_rows,
     rows_amax,
     shadowed_v_rows,
     solo_candidates,
 )
+from mimo_v2_flash.checkpoint.fused_qkv import FUSED_QKV_SUFFIX, FusedQKVError, chunk_source, fused_chunks
 from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
 from mimo_v2_flash.checkpoint.kv_layout_names import parse_kv_layout
 
@@ -257,9 +260,40 @@ class FP8Checkpoint:
             )
         return kept
 
+    def fused_chunks(self) -> int:
+        """``T`` of the fused ``qkv_proj`` tensors (see :func:`fused_qkv.fused_chunks`)."""
+        try:
+            return fused_chunks(self.checkpoint.config, self.checkpoint.index_metadata)
+        except FusedQKVError as error:
+            raise CheckpointError(f"{self.checkpoint.directory}: {error}") from None
+
+    def _decide_fused_qkv(self, name: str) -> dict[str, ScaleLayout]:
+        """A fused ``qkv_proj``: each of its ``T`` chunks on its own grid (``per_rank:T``), ``T`` from the config or
+        index, never from the shapes; the data must agree on every block (a contradiction is an error)."""
+        self._check_columns(name)
+        chunks, bm = self.fused_chunks(), self.block[0]
+        rows, scale_rows = self.checkpoint.shape(name)[0], self.checkpoint.shape(name + SCALE_SUFFIX)[0]
+        need = chunks * math.ceil(rows // chunks / bm)
+        if rows % chunks or need != scale_rows:
+            raise CheckpointError(
+                self._unexplained(
+                    (name,),
+                    f"T={chunks} chunks (from {chunk_source(self.checkpoint.index_metadata)}), each on its own "
+                    f"{bm}-row grid, need {need} scale rows",
+                )
+            )
+        row_map = per_rank_rows(rows, chunks, bm)
+        candidates = [Candidate(f"per_rank:{chunks}", {name: row_map}, (name + SCALE_SUFFIX,))]
+        if chunks == 1 or torch.equal(row_map, grid_rows(rows, bm)):  # chunks of whole blocks: named as both
+            candidates.append(Candidate("grid", {name: grid_rows(rows, bm)}, (name + SCALE_SUFFIX,)))
+        chosen, checked = self._run_decision(candidates, (name,), always_check=True)
+        return {name: self._layout_of(chosen, checked, name)}
+
     def _decide_solo(self, name: str) -> dict[str, ScaleLayout]:
         """A tensor quantized on its own. Only K/V projections (and tensors the plain grid cannot explain) may be
         per-rank: their candidates are checked against the data; any other tensor the grid fits is on the grid."""
+        if name.endswith(FUSED_QKV_SUFFIX):
+            return self._decide_fused_qkv(name)
         self._check_columns(name)
         candidates = self._solo(name)
         is_kv = name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight"))

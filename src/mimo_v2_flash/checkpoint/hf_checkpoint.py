@@ -80,6 +80,20 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
+def read_index_metadata(directory: str | Path) -> dict:
+    """The ``metadata`` of a checkpoint directory's index (e.g. MiMo-V2.6's ``tp_size``), or ``{}`` without one."""
+    index = Path(directory) / INDEX_NAME
+    if not index.is_file():
+        return {}
+    try:
+        metadata = json.loads(index.read_text()).get("metadata") or {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({error.__class__.__name__})") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{index}: index metadata is not a mapping")
+    return metadata
+
+
 def _safe_shard_path(directory: Path, shard: str) -> Path:
     pure = PurePosixPath(shard)
     if pure.is_absolute() or ".." in pure.parts or "\\" in shard or not shard:
@@ -94,6 +108,7 @@ class HFCheckpoint:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: not a directory")
+        self.index_metadata: dict = {}
         self.weight_map = self._weight_map()
         self.headers: dict[str, dict] = {}
         self._data_start: dict[str, int] = {}
@@ -107,9 +122,14 @@ class HFCheckpoint:
         index = self.directory / INDEX_NAME
         if index.exists():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                parsed = json.loads(index.read_text())
+                weight_map = parsed["weight_map"]
+                metadata = parsed.get("metadata") or {}
+                if not isinstance(metadata, dict):
+                    raise TypeError("metadata")
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({error.__class__.__name__})") from None
+            self.index_metadata = metadata
             for name, shard in weight_map.items():
                 path = _safe_shard_path(self.directory, shard)
                 if not path.is_file():

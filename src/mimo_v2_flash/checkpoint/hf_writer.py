@@ -22,7 +22,7 @@ import torch
 from mimo_v2_flash.checkpoint.fp8 import LAYOUT_RECORD
 from mimo_v2_flash.checkpoint.hf_checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, CheckpointError
 from mimo_v2_flash.checkpoint.output_dirs import replace_directory, staging_dir
-from mimo_v2_flash.config import with_native_fields
+from mimo_v2_flash.config import FUSED_PROJECTIONS, SPLIT_PROJECTIONS, projection_layout, with_native_fields
 
 KEEP_FP32 = ("e_score_correction_bias",)
 READ_AHEAD_BYTES = 64 * 1024**2
@@ -30,10 +30,19 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth")
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float16: "float16"}
 
 
-def export_config(original: dict, dtype: torch.dtype) -> dict:
+def export_config(original: dict, dtype: torch.dtype, source_format: bool = False) -> dict:
     """The original config without ``quantization_config``, with every architecture field in hub spelling, the
-    transformers-native fields and ``torch_dtype``."""
+    transformers-native fields and ``torch_dtype``.
+
+    A MiMo-V2 family config (fused ``qkv_proj``; transformers has no model for it) stays the family's own, towers
+    included: unchanged for an export in the source's format (``source_format``), else with separate q/k/v
+    (``attention_projection_layout: "split"``, what vLLM and the family's own code read) and ``torch_dtype``.
+    """
     hub_form = {k: v for k, v in original.items() if k not in ("quantization_config", "dtype")}
+    if projection_layout(original) == FUSED_PROJECTIONS:
+        if source_format:
+            return hub_form
+        return dict(hub_form, attention_projection_layout=SPLIT_PROJECTIONS, torch_dtype=DTYPE_NAMES[dtype])
     return dict(with_native_fields(hub_form), torch_dtype=DTYPE_NAMES[dtype])
 
 
@@ -187,12 +196,14 @@ def write_hf_checkpoint(
     max_shard_bytes: int = 5 * 1024**3,
     progress=None,
     quantizer=None,
+    passthrough: Iterable[tuple[str, torch.Tensor]] = (),
 ) -> dict:
     """Write streamed ``(hub name, tensor)`` pairs as an HF checkpoint; atomic. Returns a summary dict.
 
     ``quantizer``: an :class:`~mimo_v2_flash.checkpoint.fp8_export.FP8ExportPlan`; it decides every tensor's dtype
     (FP8 weights with their scales, the rest as in the source) and its ``quantization_config`` goes to config.json.
-    Without it, every tensor is cast to ``dtype`` (``e_score_correction_bias`` stays fp32).
+    Without it, every tensor is cast to ``dtype`` (``e_score_correction_bias`` stays fp32). ``passthrough``
+    tensors (MiMo-V2.5's towers) follow the weights, written as given, byte for byte.
     """
     original_config = json.loads((original_dir / "config.json").read_text())
     staging = staging_dir(output_dir)
@@ -208,8 +219,10 @@ def write_hf_checkpoint(
             writer.add(name, tensor.detach().to("cpu", target))
             if progress is not None:
                 progress(name, tensor.numel() * target.itemsize)
+        for name, tensor in passthrough:
+            writer.add(name, tensor)
         weight_map = writer.finish()
-        config = export_config(original_config, dtype)
+        config = export_config(original_config, dtype, source_format=quantizer is not None)
         if quantizer is not None:
             config["quantization_config"] = quantizer.quantization_config
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")

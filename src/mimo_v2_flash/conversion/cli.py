@@ -169,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"{action} {summary['tensors']} tensors ({summary['bytes'] / 1024**2:.1f} MiB) in {seconds:.1f} s "
             f"({summary['tensors'] / seconds:.0f} tensors/s, {summary['bytes'] / seconds / 1024**2:.1f} MB/s) "
-            f"-> {target}" + _fp8_note(summary.get("fp8_layouts"), summary.get("fp8_format"))
+            f"-> {target}"
+            + _fp8_note(summary.get("fp8_layouts"), summary.get("fp8_format"))
+            + _towers_note(summary.get("towers"))
         )
     return 0
 
@@ -180,6 +182,14 @@ def _fp8_note(layouts: dict[str, int] | None, written_format: str | None = None)
         return f"; {written_format}" if written_format else ""
     note = "; FP8 scale layouts: " + ", ".join(f"{kind} x{count}" for kind, count in layouts.items())
     return f"; {written_format}{note}" if written_format else note
+
+
+def _towers_note(towers: dict[str, int] | None) -> str:
+    """MiMo-V2.5's vision / audio tensors, which the language model does not hold, for the summary line."""
+    if not towers:
+        return ""
+    parts = ", ".join(f"{prefix} x{count}" for prefix, count in towers.items())
+    return f"; left alone (vision / audio towers, not part of the language model): {parts}"
 
 
 if __name__ == "__main__":

@@ -67,6 +67,9 @@ def test_window_semantics_previous_tokens():
         ({"topk_group": 2}, "topk_group"),
         ({"tie_word_embeddings": True}, "tie_word_embeddings"),
         ({"rope_scaling": {"type": "yarn", "factor": 4}}, "rope_scaling"),
+        ({"rope_scaling": {"rope_type": "default", "type": "linear"}}, "rope_scaling"),
+        ({"rope_scaling": "default"}, "rope_scaling"),
+        ({"attention_projection_layout": "interleaved"}, "attention_projection_layout"),
         ({"norm_topk_prob": False}, "norm_topk_prob"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"n_shared_experts": 1}, "n_shared_experts"),
@@ -79,6 +82,25 @@ def test_window_semantics_previous_tokens():
 def test_unsupported_values_are_clear_errors(override, field):
     with pytest.raises(MiMoV2FlashConfigError, match=field):
         parse_architecture(tiny_config(**override))
+
+
+def test_family_fields_are_read():
+    """MiMo-V2.5 / V2.5-Pro / V2.6-Flash spell plain RoPE as a default ``rope_scaling``, state the projection
+    layout and null shared experts, and list full-attention layers irregularly."""
+    family = tiny_config(
+        rope_scaling={"rope_type": "default", "type": "default"},
+        attention_projection_layout="fused_qkv",
+        n_shared_experts=None,
+        hybrid_layer_pattern=[0, 1, 0, 0],
+        attention_value_scale=0.612,
+        max_position_embeddings=1048576,
+        layernorm_epsilon=1e-6,
+    )
+    arch = parse_architecture(family)
+    assert arch == parse_architecture({k: v for k, v in family.items() if k != "rope_scaling"})
+    assert (arch.attention_value_scale, arch.max_position_embeddings, arch.norm_eps) == (0.612, 1048576, 1e-6)
+    assert arch.layer_types == ("full_attention", "sliding_attention", "full_attention", "full_attention")
+    assert parse_architecture(tiny_config(rope_scaling={"type": "default"})) == parse_architecture(tiny_config())
 
 
 def test_unknown_rope_type_in_native_form_is_an_error():

@@ -15,14 +15,17 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_mappings import mimo_v2_flash_mapping_registry
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import MiMoV2FlashModelProvider
 from mimo_v2_flash.checkpoint.fp8 import FP8_DTYPE, FP8Checkpoint
-from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint, count_mtp_layers
+from mimo_v2_flash.checkpoint.fused_qkv import FusedQKVError, fused_chunks
+from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint, count_mtp_layers, read_index_metadata
 from mimo_v2_flash.config import (
+    FUSED_PROJECTIONS,
     SLIDING_ATTENTION,
     MiMoV2FlashArchitecture,
     apply_config_edits,
     config_edits,
     load_config_dict,
     parse_architecture,
+    projection_layout,
     with_native_fields,
 )
 
@@ -209,8 +212,17 @@ class MiMoV2FlashBridge(MegatronModelBridge):
         return self._reader
 
     def mapping_registry(self) -> MegatronMappingRegistry:
-        """HF <-> Megatron parameter mappings (see ``mimo_v2_flash_mappings``)."""
-        return mimo_v2_flash_mapping_registry()
+        """HF <-> Megatron parameter mappings (see ``mimo_v2_flash_mappings``): separate q/k/v, or the MiMo-V2
+        family's fused ``qkv_proj`` in ``T`` chunks, ``T`` from the index's ``tp_size`` else the KV head count."""
+        config = self.hf_config.to_dict() if hasattr(self.hf_config, "to_dict") else dict(self.hf_config or {})
+        if not config or projection_layout(config) != FUSED_PROJECTIONS:
+            return mimo_v2_flash_mapping_registry()
+        directory = config.get("_name_or_path") or getattr(self.hf_config, "name_or_path", "")
+        metadata = read_index_metadata(directory) if directory and Path(directory).is_dir() else {}
+        try:
+            return mimo_v2_flash_mapping_registry(qkv_chunks=fused_chunks(config, metadata))
+        except FusedQKVError as error:
+            raise CheckpointError(f"{directory or 'config'}: {error}") from None
 
 
 def _moe_layer_list(provider) -> list[bool]:

@@ -7,6 +7,8 @@ from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRe
 from megatron.bridge.models.conversion.param_mapping import AutoMapping, GatedMLPMapping, QKVMapping
 from megatron.bridge.models.conversion.utils import remove_non_pickleables
 
+from mimo_v2_flash.checkpoint.fused_qkv import split_fused_qkv
+
 # The sink logits are one value per query head: column-parallel along dim 0, like the heads.
 AutoMapping.register_module_type("MiMoV2FlashCoreAttention", "column")
 AutoMapping.register_module_type("MiMoV2FlashTECoreAttention", "column")
@@ -51,7 +53,7 @@ class AsymmetricQKVMapping(QKVMapping):
             for name, tensor in (("q", q), ("k", k), ("v", v)):
                 if tensor.shape[0] != expected[name]:
                     raise ValueError(
-                        f"{self.hf_param[name]}: {tuple(tensor.shape)} has {tensor.shape[0]} rows, "
+                        f"{self.split_names()[name]}: {tuple(tensor.shape)} has {tensor.shape[0]} rows, "
                         f"the config expects {expected[name]}"
                     )
             merged = merge_asymmetric_qkv(q, k, v, config.num_query_groups)
@@ -73,21 +75,64 @@ class AsymmetricQKVMapping(QKVMapping):
             config.kv_channels,
             config.v_head_dim,
         )
-        return {self.hf_param["q"]: q, self.hf_param["k"]: k, self.hf_param["v"]: v}
+        names = self.split_names()
+        return {names["q"]: q, names["k"]: k, names["v"]: v}
+
+    def split_names(self) -> dict[str, str]:
+        """HF names the exported ``q``, ``k``, ``v`` are written under."""
+        return dict(self.hf_param)
 
 
-def _attention_and_mlp(megatron_prefix: str, hf_prefix: str, mlp_norm_hf: str) -> list:
+class FusedChunkQKVMapping(AsymmetricQKVMapping):
+    """A pre-sharded ``qkv_proj`` of ``chunks`` rank chunks ``[Q_c; K_c; V_c]`` (the MiMo-V2 family) <-> Megatron's
+    QKV. Exported as separate ``q_proj``/``k_proj``/``v_proj``, the layout every reader agrees on."""
+
+    def __init__(self, megatron_param: str, hf_param: str, chunks: int) -> None:
+        super().__init__(megatron_param, q=hf_param, k=hf_param, v=hf_param)
+        self.hf_param = hf_param
+        self.chunks = chunks
+
+    def resolve(self, captures: tuple[str, ...]) -> FusedChunkQKVMapping:
+        megatron_param, hf_param = self._resolve_names(captures)
+        return type(self)(megatron_param, hf_param, self.chunks)
+
+    def hf_to_megatron(self, hf_weights: torch.Tensor, megatron_module) -> torch.Tensor:
+        if self.tp_rank != 0:
+            return self._tp_mapping.hf_to_megatron(None, megatron_module)
+        config = self._get_config(megatron_module)
+        q, k, v = split_fused_qkv(
+            hf_weights,
+            self.chunks,
+            config.num_attention_heads,
+            config.num_query_groups,
+            config.kv_channels,
+            config.v_head_dim,
+            self.hf_param,
+        )
+        return super().hf_to_megatron({"q": q, "k": k, "v": v}, megatron_module)
+
+    def split_names(self) -> dict[str, str]:
+        return {part: self.hf_param.replace("qkv_proj", f"{part}_proj") for part in "qkv"}
+
+
+def _attention_and_mlp(megatron_prefix: str, hf_prefix: str, mlp_norm_hf: str, qkv_chunks: int | None) -> list:
     """Mappings of one transformer layer (decoder or MTP), for both the local and the TE parameter names."""
     m, h = megatron_prefix, hf_prefix
-    return [
-        AutoMapping(f"{m}.input_layernorm.weight", f"{h}.input_layernorm.weight"),
-        AutoMapping(f"{m}.self_attention.linear_qkv.layer_norm_weight", f"{h}.input_layernorm.weight"),
-        AsymmetricQKVMapping(
+    if qkv_chunks is None:
+        qkv = AsymmetricQKVMapping(
             f"{m}.self_attention.linear_qkv.weight",
             q=f"{h}.self_attn.q_proj.weight",
             k=f"{h}.self_attn.k_proj.weight",
             v=f"{h}.self_attn.v_proj.weight",
-        ),
+        )
+    else:
+        qkv = FusedChunkQKVMapping(
+            f"{m}.self_attention.linear_qkv.weight", f"{h}.self_attn.qkv_proj.weight", qkv_chunks
+        )
+    return [
+        AutoMapping(f"{m}.input_layernorm.weight", f"{h}.input_layernorm.weight"),
+        AutoMapping(f"{m}.self_attention.linear_qkv.layer_norm_weight", f"{h}.input_layernorm.weight"),
+        qkv,
         AutoMapping(f"{m}.self_attention.linear_proj.weight", f"{h}.self_attn.o_proj.weight"),
         AutoMapping(f"{m}.self_attention.core_attention.softmax_offset", f"{h}.self_attn.attention_sink_bias"),
         AutoMapping(f"{m}.pre_mlp_layernorm.weight", f"{h}.{mlp_norm_hf}.weight"),
@@ -97,13 +142,18 @@ def _attention_and_mlp(megatron_prefix: str, hf_prefix: str, mlp_norm_hf: str) -
     ]
 
 
-def mimo_v2_flash_mapping_registry() -> MegatronMappingRegistry:
-    """All HF <-> Megatron mappings: embeddings, decoder layers (dense and MoE), MTP layers."""
+def mimo_v2_flash_mapping_registry(qkv_chunks: int | None = None) -> MegatronMappingRegistry:
+    """All HF <-> Megatron mappings: embeddings, decoder layers (dense and MoE), MTP layers.
+
+    Args:
+        qkv_chunks: None for separate ``q_proj``/``k_proj``/``v_proj``; for a fused ``qkv_proj`` (the MiMo-V2
+            family), its chunk count ``T``.
+    """
     mappings = [
         AutoMapping("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
         AutoMapping("output_layer.weight", "lm_head.weight"),
         AutoMapping("decoder.final_layernorm.weight", "model.norm.weight"),
-        *_attention_and_mlp("decoder.layers.*", "model.layers.*", "post_attention_layernorm"),
+        *_attention_and_mlp("decoder.layers.*", "model.layers.*", "post_attention_layernorm", qkv_chunks),
         AutoMapping("decoder.layers.*.mlp.router.weight", "model.layers.*.mlp.gate.weight"),
         AutoMapping("decoder.layers.*.mlp.router.expert_bias", "model.layers.*.mlp.gate.e_score_correction_bias"),
         # Experts: SequentialMLP (local backend) and TEGroupedMLP (TE backend, one weight per expert).
@@ -131,5 +181,5 @@ def mimo_v2_flash_mapping_registry() -> MegatronMappingRegistry:
         AutoMapping("mtp.layers.*.final_layernorm.weight", "model.mtp.layers.*.final_layernorm.weight"),
     ]
     for inner in ("transformer_layer", "mtp_model_layer"):
-        mappings += _attention_and_mlp(f"mtp.layers.*.{inner}", "model.mtp.layers.*", "pre_mlp_layernorm")
+        mappings += _attention_and_mlp(f"mtp.layers.*.{inner}", "model.mtp.layers.*", "pre_mlp_layernorm", qkv_chunks)
     return MegatronMappingRegistry(*mappings)

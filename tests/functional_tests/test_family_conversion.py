@@ -1,0 +1,124 @@
+"""convert_checkpoints.py on a MiMo-V2 family checkpoint (``MiMoV2ForCausalLM``, fused pre-sharded FP8 ``qkv_proj``,
+vision / audio towers): the FP8 export writes the source's own format back, the BF16 export writes separate
+q/k/v equal to the reference dequantization, towers pass through byte for byte, and bad family input is a
+one-line error with nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from family_reference import BLOCK, FAMILY, TOWERS, write_family_checkpoint
+from mimo_testing import hf_state_dict
+from test_conversion import convert
+
+from mimo_v2_flash.tiny_checkpoint import write_tiny_checkpoint
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """(family checkpoint, oracle split checkpoint, Megatron checkpoint imported in fp32)."""
+    root = tmp_path_factory.mktemp("family")
+    split = write_tiny_checkpoint(root / "split", FAMILY, mtp_layers=1, seed=8)
+    write_family_checkpoint(split, root / "family", root / "oracle", chunks=2, block=BLOCK)
+    megatron = root / "megatron"
+    args = ["import", "--hf-model", str(root / "family"), "--megatron-path", str(megatron), "--dtype", "float32"]
+    assert convert(args) == 0
+    return root / "family", root / "oracle", megatron
+
+
+def _export(family_dir, megatron, out, *extra):
+    return convert(
+        ["export", "--hf-model", str(family_dir), "--megatron-path", str(megatron), "--hf-path", str(out), *extra]
+    )
+
+
+def _bits(tensor):
+    return (
+        tensor.view(torch.uint8)
+        if tensor.dtype == FP8
+        else tensor.view(torch.int16 if tensor.itemsize == 2 else torch.int32)
+    )
+
+
+def test_fp8_export_writes_the_family_source_back(family, tmp_path, parallel_state):
+    family_dir, _, megatron = family
+    assert _export(family_dir, megatron, tmp_path / "fp8", "--dtype", "fp8") == 0
+    source, written = hf_state_dict(family_dir), hf_state_dict(tmp_path / "fp8")
+    assert sorted(written) == sorted(source)
+    fused = [n for n in source if n.endswith("qkv_proj.weight")]
+    assert len(fused) == 5  # 4 decoder layers + 1 MTP layer, fused as in the source
+    for name, tensor in source.items():
+        assert written[name].dtype == tensor.dtype and written[name].shape == tensor.shape, name
+        if name.endswith("_scale_inv"):
+            assert torch.allclose(written[name], tensor, rtol=2**-7, atol=0), name
+        else:  # FP8 payloads bit for bit; fp32 weights (imported in fp32) and bf16 towers identical
+            assert torch.equal(_bits(written[name]), _bits(tensor)), name
+    assert json.loads((tmp_path / "fp8" / "config.json").read_text()) == json.loads(
+        (family_dir / "config.json").read_text()
+    )
+
+
+def test_bf16_export_is_split_and_equals_the_reference_dequantization(family, tmp_path, parallel_state):
+    family_dir, oracle, megatron = family
+    assert _export(family_dir, megatron, tmp_path / "bf16") == 0
+    truth, source, written = hf_state_dict(oracle), hf_state_dict(family_dir), hf_state_dict(tmp_path / "bf16")
+    assert sorted(written) == sorted([*truth, *TOWERS])
+    for name, tensor in truth.items():
+        expected = tensor.float() if name.endswith("e_score_correction_bias") else tensor.to(torch.bfloat16)
+        assert torch.equal(written[name], expected), name
+    for name in TOWERS:
+        assert written[name].dtype == source[name].dtype and torch.equal(_bits(written[name]), _bits(source[name]))
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    source_config = json.loads((family_dir / "config.json").read_text())
+    assert config["attention_projection_layout"] == "split" and "quantization_config" not in config
+    assert (
+        config["architectures"] == ["MiMoV2ForCausalLM"] and config["vision_config"] == source_config["vision_config"]
+    )
+
+
+def _set_index_tp(directory, tp_size):
+    path = directory / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    index["metadata"]["tp_size"] = tp_size
+    path.write_text(json.dumps(index))
+
+
+def _set_config(directory, **fields):
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+BAD = {
+    # Full layers: 2 chunks of 4 blocks = 8 scale rows; tp_size 1 says 7.
+    "tp_size the data contradicts": (lambda d: _set_index_tp(d, 1), ["qkv_proj", "T=1", "tp_size"]),
+    "tp_size cutting heads": (lambda d: _set_index_tp(d, 3), ["tp_size=3", "whole heads"]),
+    "unknown projection layout": (
+        lambda d: _set_config(d, attention_projection_layout="interleaved"),
+        ["config.json", "attention_projection_layout='interleaved'"],
+    ),
+    "scaled rope": (
+        lambda d: _set_config(d, rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+        ["config.json", "rope_scaling", "yarn"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_family_input_is_one_line_and_leaves_nothing(case, family, tmp_path, capsys, parallel_state):
+    damage, fragments = BAD[case]
+    bad = tmp_path / "bad"
+    shutil.copytree(family[0], bad)
+    damage(bad)
+    out_parent = tmp_path / "out"
+    out_parent.mkdir()
+    assert convert(["import", "--hf-model", str(bad), "--megatron-path", str(out_parent / "megatron")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err[0], (fragment, err[0])
+    assert list(out_parent.iterdir()) == []
