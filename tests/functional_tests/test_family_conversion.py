@@ -11,8 +11,9 @@ import shutil
 import pytest
 import torch
 from family_reference import BLOCK, FAMILY, TOWERS, write_family_checkpoint
-from mimo_testing import hf_state_dict
+from mimo_testing import hf_state_dict, megatron_logits
 from test_conversion import convert
+from test_parallel import PROMPT, TOLERANCE, _logits
 
 from mimo_v2_flash.tiny_checkpoint import write_tiny_checkpoint
 
@@ -79,6 +80,15 @@ def test_bf16_export_is_split_and_equals_the_reference_dequantization(family, tm
     assert (
         config["architectures"] == ["MiMoV2ForCausalLM"] and config["vision_config"] == source_config["vision_config"]
     )
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_loads_give_the_one_process_logits(family, tp, tmp_path, parallel_state):
+    """T = 2 chunks read at TP 2 (one chunk per rank) and TP 4 (full layers' 2 KV heads replicated)."""
+    ids = torch.tensor([[int(t) for t in PROMPT.split(",")]])
+    single = megatron_logits(family[0], ids)[0]
+    logits = _logits(tp, tmp_path / "l.safetensors", "--hf-model", family[0], "--tp", tp)
+    assert (logits - single).abs().max().item() <= TOLERANCE
 
 
 def _set_index_tp(directory, tp_size):
