@@ -10,11 +10,13 @@ reference dequantization of those chunks, so both describe the same model.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 from fp8_reference import dequantize_grid, quantize_grid
 from mimo_testing import hf_state_dict
+from mxfp4_reference import reference_decode, reference_quantize
 from safetensors.torch import save_file
 
 from mimo_v2_flash.tiny_checkpoint import tiny_config
@@ -44,6 +46,7 @@ REMOTE_CODE = {
     "AutoConfig": "configuration_mimo_v2.MiMoV2Config",
     "AutoModelForCausalLM": "modeling_mimo_v2.MiMoV2ForCausalLM",
 }
+EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
 NATIVE_ONLY_FIELDS = ("layer_types", "mlp_layer_types", "rope_parameters", "rms_norm_eps", "sliding_window")
 
 
@@ -52,13 +55,27 @@ def chunked(tensor: torch.Tensor, chunks: int) -> list[torch.Tensor]:
 
 
 def write_family_checkpoint(
-    src: Path, dst: Path, oracle: Path, chunks: int, block: tuple[int, int], index_tp_size: int | None = None
+    src: Path,
+    dst: Path,
+    oracle: Path,
+    chunks: int,
+    block: tuple[int, int],
+    index_tp_size: int | None = None,
+    mxfp4: bool = False,
 ) -> None:
-    """``dst``: the family checkpoint; ``oracle``: the split checkpoint of the same (dequantized) weights."""
+    """``dst``: the family checkpoint; ``oracle``: the split checkpoint of the same (dequantized) weights.
+
+    ``mxfp4``: routed experts as MiMo-V2.6-Flash stores them (uint8 E2M1 pairs, E8M0 ``weight_scale``).
+    """
     state = hf_state_dict(src)
     family, truth = {}, {}
     for name, tensor in state.items():
         if name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            continue
+        if mxfp4 and EXPERT.match(name):
+            packed, scales = (torch.tensor(t, dtype=torch.uint8) for t in reference_quantize(tensor, "ocp"))
+            family[name], family[name + "_scale"] = packed, scales
+            truth[name] = reference_decode(packed, scales).float()
             continue
         if not name.endswith("self_attn.q_proj.weight"):
             family[name], truth[name] = tensor, tensor
@@ -117,4 +134,6 @@ def write_family_checkpoint(
             "weight_block_size": list(block),
         },
     )
+    if mxfp4:
+        family_config["quantization_config"].update(store_dtype="mxfp4", mxfp4_block_size=32)
     (dst / "config.json").write_text(json.dumps(family_config))

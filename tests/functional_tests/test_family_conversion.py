@@ -25,7 +25,7 @@ def family(tmp_path_factory):
     """(family checkpoint, oracle split checkpoint, Megatron checkpoint imported in fp32)."""
     root = tmp_path_factory.mktemp("family")
     split = write_tiny_checkpoint(root / "split", FAMILY, mtp_layers=1, seed=8)
-    write_family_checkpoint(split, root / "family", root / "oracle", chunks=2, block=BLOCK)
+    write_family_checkpoint(split, root / "family", root / "oracle", chunks=2, block=BLOCK, mxfp4=True)
     megatron = root / "megatron"
     args = ["import", "--hf-model", str(root / "family"), "--megatron-path", str(megatron), "--dtype", "float32"]
     assert convert(args) == 0
@@ -39,11 +39,9 @@ def _export(family_dir, megatron, out, *extra):
 
 
 def _bits(tensor):
-    return (
-        tensor.view(torch.uint8)
-        if tensor.dtype == FP8
-        else tensor.view(torch.int16 if tensor.itemsize == 2 else torch.int32)
-    )
+    if tensor.dtype in (FP8, torch.uint8):
+        return tensor.view(torch.uint8)
+    return tensor.view(torch.int16 if tensor.itemsize == 2 else torch.int32)
 
 
 def test_fp8_export_writes_the_family_source_back(family, tmp_path, parallel_state):
@@ -53,6 +51,8 @@ def test_fp8_export_writes_the_family_source_back(family, tmp_path, parallel_sta
     assert sorted(written) == sorted(source)
     fused = [n for n in source if n.endswith("qkv_proj.weight")]
     assert len(fused) == 5  # 4 decoder layers + 1 MTP layer, fused as in the source
+    experts = [n for n in source if n.endswith("_proj.weight_scale")]
+    assert len(experts) == 36 and all(written[n].dtype == torch.uint8 for n in experts)  # 3 MoE layers x 4 x 3
     for name, tensor in source.items():
         assert written[name].dtype == tensor.dtype and written[name].shape == tensor.shape, name
         if name.endswith("_scale_inv"):
@@ -110,6 +110,12 @@ BAD = {
     "unknown projection layout": (
         lambda d: _set_config(d, attention_projection_layout="interleaved"),
         ["config.json", "attention_projection_layout='interleaved'"],
+    ),
+    "mxfp4 experts without the config marker": (
+        lambda d: _set_config(
+            d, quantization_config={"quant_method": "fp8", "weight_block_size": list(BLOCK), "store_dtype": "fp8"}
+        ),
+        ["mlp.experts.", "uint8", "mxfp4"],
     ),
     "scaled rope": (
         lambda d: _set_config(d, rope_scaling={"rope_type": "yarn", "factor": 4.0}),

@@ -36,6 +36,8 @@ from mimo_v2_flash.checkpoint.fp8_scale_layouts import (
 from mimo_v2_flash.checkpoint.fused_qkv import FUSED_QKV_SUFFIX, FusedQKVError, chunk_source, fused_chunks
 from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
 from mimo_v2_flash.checkpoint.kv_layout_names import parse_kv_layout
+from mimo_v2_flash.checkpoint.mxfp4 import MXFP4_BLOCK_SIZE, dequantize_mxfp4, is_mxfp4_checkpoint
+from mimo_v2_flash.checkpoint.mxfp4 import SCALE_SUFFIX as MXFP4_SCALE_SUFFIX
 
 SCALE_SUFFIX = "_scale_inv"
 LAYOUT_RECORD = "fp8_layouts.json"  # the scale layout of each FP8 tensor, as the writer of a checkpoint recorded it
@@ -128,6 +130,7 @@ class FP8Checkpoint:
         self.checkpoint = checkpoint
         quant = checkpoint.config.get("quantization_config") or {}
         self.block = tuple(quant["weight_block_size"]) if quant.get("weight_block_size") else None
+        self.mxfp4 = is_mxfp4_checkpoint(quant)
         try:
             self.kv_layout = parse_kv_layout(kv_layout)
         except ValueError as error:
@@ -140,10 +143,45 @@ class FP8Checkpoint:
     def is_fp8(self) -> bool:
         return any(self.checkpoint.dtype(n) == FP8_DTYPE for n in self.checkpoint.keys())
 
+    def is_mxfp4(self, name: str) -> bool:
+        """Whether ``name`` is an MXFP4 weight (``uint8`` E2M1 pairs with an E8M0 ``<name>_scale``)."""
+        return (
+            self.checkpoint.dtype(name) == torch.uint8
+            and name + MXFP4_SCALE_SUFFIX in self.checkpoint
+            and self.checkpoint.dtype(name + MXFP4_SCALE_SUFFIX) == torch.uint8
+        )
+
+    def is_quantized(self, name: str) -> bool:
+        """Whether :meth:`get` decodes ``name`` (block FP8 or MXFP4) rather than reading it as stored."""
+        return self.checkpoint.dtype(name) == FP8_DTYPE or self.is_mxfp4(name)
+
+    def logical_shape(self, name: str) -> tuple[int, ...]:
+        """The shape :meth:`get` returns (an MXFP4 weight holds two columns per byte)."""
+        shape = self.checkpoint.shape(name)
+        return (*shape[:-1], 2 * shape[-1]) if self.is_mxfp4(name) else shape
+
+    def _check_mxfp4(self, name: str) -> None:
+        path = self.checkpoint.file_of(name)
+        if not self.mxfp4:
+            raise CheckpointError(
+                f"{path}: uint8 weight {name} with a {MXFP4_SCALE_SUFFIX} but quantization_config does not declare "
+                "store_dtype 'mxfp4'"
+            )
+        shape, scale_shape = self.checkpoint.shape(name), self.checkpoint.shape(name + MXFP4_SCALE_SUFFIX)
+        if len(shape) != 2 or scale_shape != (shape[0], 2 * shape[1] // MXFP4_BLOCK_SIZE) or shape[1] % 16:
+            raise CheckpointError(
+                f"{path}: MXFP4 weight {name} {shape} and its scale {scale_shape} do not fit (packed [R, C/2] "
+                f"needs scales [R, C/{MXFP4_BLOCK_SIZE}])"
+            )
+
     def _check_pairs(self) -> None:
         names = set(self.checkpoint.keys())
         for name in sorted(names):
-            if name.endswith(SCALE_SUFFIX):
+            if self.is_mxfp4(name):
+                self._check_mxfp4(name)
+            elif name.endswith(MXFP4_SCALE_SUFFIX) and self.is_mxfp4(name[: -len(MXFP4_SCALE_SUFFIX)]):
+                continue
+            elif name.endswith(SCALE_SUFFIX):
                 if name[: -len(SCALE_SUFFIX)] not in names:
                     raise CheckpointError(f"{self.checkpoint.file_of(name)}: scale {name} has no weight")
             elif self.checkpoint.dtype(name) == FP8_DTYPE:
@@ -158,18 +196,26 @@ class FP8Checkpoint:
                     raise CheckpointError(f"{self.checkpoint.file_of(name)}: FP8 weight {name} is not 2-D")
 
     def weight_names(self) -> list[str]:
-        return [n for n in self.checkpoint.keys() if not n.endswith(SCALE_SUFFIX)]
+        """Every tensor but the FP8 and MXFP4 scales."""
+        return [
+            n
+            for n in self.checkpoint.keys()
+            if not n.endswith(SCALE_SUFFIX)
+            and not (n.endswith(MXFP4_SCALE_SUFFIX) and self.is_mxfp4(n[: -len(MXFP4_SCALE_SUFFIX)]))
+        ]
 
     def result_dtype(self, name: str, dtype: torch.dtype | None = None) -> torch.dtype:
         """The dtype :meth:`get` returns for ``name``: ``dtype`` if given, else fp32 for FP8, else as stored."""
         if dtype is not None:
             return dtype
-        return torch.float32 if self.checkpoint.dtype(name) == FP8_DTYPE else self.checkpoint.dtype(name)
+        return torch.float32 if self.is_quantized(name) else self.checkpoint.dtype(name)
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor, dequantized exactly if FP8, in :meth:`result_dtype`."""
         result, stored = self.result_dtype(name, dtype), self.checkpoint.dtype(name)
         tensor = self.checkpoint.get(name)
+        if self.is_mxfp4(name):
+            return dequantize_mxfp4(tensor, self.checkpoint.get(name + MXFP4_SCALE_SUFFIX), result)
         if stored != FP8_DTYPE:
             return tensor if stored == result else tensor.to(result)
         layout = self.layout(name)
@@ -187,8 +233,10 @@ class FP8Checkpoint:
         """Decide the layout of every FP8 weight (errors before anything is written); tensors per layout."""
         counts: dict[str, int] = {}
         for name in self.weight_names():
+            kind = "mxfp4" if self.is_mxfp4(name) else None
             if self.checkpoint.dtype(name) == FP8_DTYPE:
                 kind = self.layout(name).kind
+            if kind is not None:
                 counts[kind] = counts.get(kind, 0) + 1
         return dict(sorted(counts.items()))
 

@@ -25,6 +25,8 @@ from mimo_v2_flash.checkpoint.fp8_quantization import kv_row_maps, quantize_rows
 from mimo_v2_flash.checkpoint.fp8_scale_layouts import grid_rows
 from mimo_v2_flash.checkpoint.fp8_serving import AttentionGeometry, serve_kv_layout
 from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
+from mimo_v2_flash.checkpoint.mxfp4 import quantize_mxfp4
+from mimo_v2_flash.checkpoint.mxfp4 import scale_name as mxfp4_scale_name
 
 RELEASE_BLOCK = (128, 128)
 KEEP_FP32 = ("e_score_correction_bias",)
@@ -76,8 +78,10 @@ class FP8ExportPlan:
         block: tuple[int, int],
         quantization_config: dict,
         description: str,
+        mxfp4: Iterable[str] = (),
     ) -> None:
         self.groups = {name: group for group in groups for name in group.names}
+        self.mxfp4 = frozenset(mxfp4)  # MXFP4 weights (V2.6-Flash experts), re-quantized as MXFP4
         self.dtypes = dtypes
         self.block = block
         self.quantization_config = quantization_config
@@ -88,6 +92,8 @@ class FP8ExportPlan:
         counts: dict[str, int] = {}
         for group in self.groups.values():
             counts[group.kind] = counts.get(group.kind, 0) + 1
+        if self.mxfp4:
+            counts["mxfp4"] = len(self.mxfp4)
         return dict(sorted(counts.items()))
 
     def dtype_of(self, name: str) -> torch.dtype:
@@ -100,6 +106,11 @@ class FP8ExportPlan:
         ``_scale_inv``, every other tensor in its dtype."""
         pending: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
         for name, tensor in weights:
+            if name in self.mxfp4:
+                packed, scales = quantize_mxfp4(tensor.detach().to("cpu"))
+                yield name, packed
+                yield mxfp4_scale_name(name), scales
+                continue
             group = self.groups.get(name)
             if group is None:
                 yield name, tensor.detach().to("cpu", self.dtype_of(name))
@@ -127,12 +138,13 @@ class FP8ExportPlan:
             start += rows
 
     def scale_names(self) -> list[str]:
-        return [name + SCALE_SUFFIX for name in self.groups]
+        return [name + SCALE_SUFFIX for name in self.groups] + [mxfp4_scale_name(name) for name in sorted(self.mxfp4)]
 
     def record(self) -> dict:
         """The layouts written, for the output's :data:`LAYOUT_RECORD` (what a reader of the export may consult
         where the data alone cannot choose between layouts)."""
-        return {"kv_layout": "auto", "layouts": {name: group.kind for name, group in sorted(self.groups.items())}}
+        layouts = {name: group.kind for name, group in self.groups.items()} | dict.fromkeys(self.mxfp4, "mxfp4")
+        return {"kv_layout": "auto", "layouts": dict(sorted(layouts.items()))}
 
 
 def plan_fp8_export(
@@ -151,10 +163,12 @@ def plan_fp8_export(
         groups = _source_groups(reader)
         if record is not None:
             _check_record(reader, record)
-        dtypes = {n: checkpoint.dtype(n) for n in reader.weight_names() if checkpoint.dtype(n) != FP8_DTYPE}
+        dtypes = {n: checkpoint.dtype(n) for n in reader.weight_names() if not reader.is_quantized(n)}
+        mxfp4 = [n for n in reader.weight_names() if reader.is_mxfp4(n)]
         block, quant = reader.block, dict(checkpoint.config["quantization_config"])
         description = "FP8 in the source's format"
     else:
+        mxfp4 = []
         block, quant = RELEASE_BLOCK, release_quantization_config(reader.weight_names())
         groups = _release_groups(reader, block)
         dtypes = {n: torch.float32 if n.endswith(KEEP_FP32) else torch.bfloat16 for n in reader.weight_names()}
@@ -162,7 +176,7 @@ def plan_fp8_export(
     if serve_tp is not None:
         groups = _serving_groups(reader, groups, block, serve_tp)
         description += f", K/V laid out for TP {serve_tp} serving"
-    return FP8ExportPlan(groups, dtypes, block, quant, description)
+    return FP8ExportPlan(groups, dtypes, block, quant, description, mxfp4)
 
 
 def layout_record(reader: FP8Checkpoint, kv_layout: str) -> dict:

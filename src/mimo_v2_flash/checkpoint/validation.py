@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mimo_v2_flash.checkpoint.fp8 import FP8_DTYPE, SCALE_SUFFIX, FP8Checkpoint
+from mimo_v2_flash.checkpoint.fp8 import FP8_DTYPE, FP8Checkpoint
 from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint, count_mtp_layers
 from mimo_v2_flash.config import (
     FUSED_PROJECTIONS,
@@ -106,7 +106,7 @@ def validate_checkpoint(checkpoint: HFCheckpoint) -> tuple[MiMoV2FlashArchitectu
         raise CheckpointError(f"{checkpoint.directory / 'config.json'}: {error}") from None
     if fused_qkv:
         reader.fused_chunks()  # whole heads per chunk
-    weights = [n for n in checkpoint.keys() if not n.endswith(SCALE_SUFFIX)]
+    weights = reader.weight_names()
     try:
         mtp_layers = count_mtp_layers(weights)
     except ValueError as error:
@@ -115,12 +115,12 @@ def validate_checkpoint(checkpoint: HFCheckpoint) -> tuple[MiMoV2FlashArchitectu
     for name, shape in expected.items():
         if name not in checkpoint:
             raise CheckpointError(f"{checkpoint.directory}: tensor {name} is missing (required by config.json)")
-        if checkpoint.shape(name) != shape:
+        if reader.logical_shape(name) != shape:
             raise CheckpointError(
-                f"{checkpoint.file_of(name)}: tensor {name} has shape {checkpoint.shape(name)}, "
+                f"{checkpoint.file_of(name)}: tensor {name} has shape {reader.logical_shape(name)}, "
                 f"config.json implies {shape}"
             )
-        if checkpoint.dtype(name) not in FLOAT_DTYPES:
+        if checkpoint.dtype(name) not in FLOAT_DTYPES and not reader.is_mxfp4(name):
             raise CheckpointError(f"{checkpoint.file_of(name)}: tensor {name} has dtype {checkpoint.dtype(name)}")
     unknown = sorted(set(weights) - set(expected) - set(tower_tensors(weights)))
     if unknown:

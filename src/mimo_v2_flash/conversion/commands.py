@@ -300,6 +300,12 @@ def inspect_fp8(hf_dir: Path, kv_layout: str = "auto") -> list[str]:
             f"{kind}: {len(names)} tensors, layout {layouts}; e.g. {example} weight {checkpoint.shape(example)} "
             f"scale {checkpoint.shape(example + SCALE_SUFFIX)}; evidence (blocks with |fp8| = 448): {found}"
         )
+    mxfp4 = [name for name in fp8.weight_names() if fp8.is_mxfp4(name)]
+    if mxfp4:
+        lines.append(
+            f"mxfp4 experts: {len(mxfp4)} tensors (uint8 E2M1 pairs + E8M0 _scale per 32 columns, decoded exactly); "
+            f"e.g. {mxfp4[0]} packed {checkpoint.shape(mxfp4[0])}"
+        )
     return lines + serving_report(fp8)
 
 

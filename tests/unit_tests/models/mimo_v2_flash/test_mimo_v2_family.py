@@ -31,9 +31,11 @@ def _logits(model, ids):
         return model(ids, positions, None).float()
 
 
-@pytest.mark.parametrize("index_tp_size", [None, 2])
-def test_family_checkpoint_loads_as_the_same_model(split_source, tmp_path, parallel_state, index_tp_size):
-    family, oracle = _family(split_source, tmp_path, index_tp_size=index_tp_size)
+@pytest.mark.parametrize(
+    "index_tp_size, mxfp4", [(None, False), (2, True)], ids=["v2.5_kv_heads", "v2.6_tp_size_mxfp4"]
+)
+def test_family_checkpoint_loads_as_the_same_model(split_source, tmp_path, parallel_state, index_tp_size, mxfp4):
+    family, oracle = _family(split_source, tmp_path, index_tp_size=index_tp_size, mxfp4=mxfp4)
     ours, reference = megatron_model(family), megatron_model(oracle)
     ours_params, reference_params = dict(ours.named_parameters()), dict(reference.named_parameters())
     assert sorted(ours_params) == sorted(reference_params)

@@ -196,7 +196,7 @@ class MiMoV2FlashBridge(MegatronModelBridge):
 
     def _dtype_for(self, reader: FP8Checkpoint, name: str) -> torch.dtype | None:
         """FP8 weights are dequantized to ``fp8_dequant_dtype``; others come as stored."""
-        return self.fp8_dequant_dtype if reader.checkpoint.dtype(name) == FP8_DTYPE else None
+        return self.fp8_dequant_dtype if reader.is_quantized(name) else None
 
     def _checkpoint_reader(self, hf_state_dict):
         source = getattr(hf_state_dict, "source", None)
