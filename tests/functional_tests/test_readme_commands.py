@@ -10,7 +10,8 @@ How each command runs (``decide``; in README order, one subprocess each, cwd = t
 commands writing what it reads, see ``prerequisites``):
 
 * paths: ``/ckpt/...`` and ``/runs/...`` live in one sandbox per test module. ``/ckpt/MiMo-V2-Flash`` is the built-in
-  tiny model as a block-FP8 checkpoint like the release (``write_fp8_checkpoint(write_tiny_checkpoint(...))``);
+  tiny model as a block-FP8 checkpoint like the release (``write_fp8_checkpoint(write_tiny_checkpoint(...))``),
+  ``/ckpt/MiMo-V2.5`` the tiny MiMo-V2 family checkpoint (``make_tiny_checkpoint.py --family``'s);
   ``neuron_export plan --config-only`` instead gets a directory holding the released model's config.json (its layout
   flags are for the 309B model; it reads nothing else). ``chat.jsonl`` is the shipped ``data/tiny_sft.jsonl``. Every
   other ``/ckpt`` or ``/runs`` path starts empty, so an output an earlier command writes (``/ckpt/mimo_mcore``,
@@ -61,6 +62,8 @@ SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 LAUNCHERS = {".venv/bin/python", ".venv/bin/torchrun", "bash"}
 MAPPED_ROOTS = ("/ckpt/", "/runs/")
 RELEASE = "/ckpt/MiMo-V2-Flash"
+FAMILY_RELEASE = "/ckpt/MiMo-V2.5"
+PREBUILT = (RELEASE, FAMILY_RELEASE)
 MACHINE_PROCESSES = 2
 TIMEOUT_S = 600
 
@@ -77,6 +80,13 @@ EXPECTED = {
     " --hf-path /ckpt/mimo_bf16": "run",
     ".venv/bin/python $P/convert_checkpoints.py export --hf-model /ckpt/MiMo-V2-Flash --megatron-path /ckpt/mimo_mcore"
     " --hf-path /ckpt/mimo_fp8 --dtype fp8": "run",
+    ".venv/bin/python $P/convert_checkpoints.py import --hf-model /ckpt/MiMo-V2.5"
+    " --megatron-path /ckpt/v25_mcore": "run",
+    ".venv/bin/python $P/convert_checkpoints.py inspect-fp8 --hf-model /ckpt/MiMo-V2.5": "run",
+    ".venv/bin/python $P/convert_checkpoints.py export --hf-model /ckpt/MiMo-V2.5 --megatron-path /ckpt/v25_mcore"
+    " --hf-path /ckpt/v25_fp8 --dtype fp8": "run",
+    ".venv/bin/python $P/convert_checkpoints.py export --hf-model /ckpt/MiMo-V2.5 --megatron-path /ckpt/v25_mcore"
+    " --hf-path /ckpt/v25_bf16": "run",
     "bash $P/finetune.sh": "config",
     "bash $P/finetune.sh --hf-model /ckpt/MiMo-V2-Flash --data chat.jsonl --output /runs/sft --tp 8 --ep 8"
     " --nproc-per-node 8 --seq-length 4096 --global-batch-size 64": "config",
@@ -264,7 +274,7 @@ def _sandbox_paths(command: Command) -> set[str]:
     return {
         path
         for path in _paths(command.argv)
-        if path.startswith(MAPPED_ROOTS) and path != RELEASE and not path.startswith(RELEASE + "/")
+        if path.startswith(MAPPED_ROOTS) and not any(path == p or path.startswith(p + "/") for p in PREBUILT)
     }
 
 
@@ -308,6 +318,7 @@ class Sandbox:
     root: Path
     release: Path  # the tiny FP8 checkpoint standing for /ckpt/MiMo-V2-Flash
     released_config: Path  # a directory holding the released model's config.json
+    family: Path  # the tiny MiMo-V2 family checkpoint standing for /ckpt/MiMo-V2.5
     done: dict[int, str] = field(default_factory=dict)  # command index -> "ok" or the failure
 
     def path(self, word: str, config_only: bool) -> str:
@@ -316,6 +327,8 @@ class Sandbox:
         if word == RELEASE or word.startswith(RELEASE + "/"):
             base = self.released_config if config_only else self.release
             return str(base) + word[len(RELEASE) :]
+        if word == FAMILY_RELEASE or word.startswith(FAMILY_RELEASE + "/"):
+            return str(self.family) + word[len(FAMILY_RELEASE) :]
         if word.startswith(MAPPED_ROOTS):
             return str(self.root) + word
         return word
@@ -375,6 +388,7 @@ def sandbox(tmp_path_factory) -> Sandbox:
     from ne_helpers import REAL_CONFIG  # the released model's config.json
 
     from mimo_v2_flash.tiny_checkpoint import write_fp8_checkpoint, write_tiny_checkpoint
+    from mimo_v2_flash.tiny_family_checkpoint import family_tiny_config, write_family_checkpoint
 
     root = tmp_path_factory.mktemp("readme")
     for top in MAPPED_ROOTS:
@@ -384,7 +398,9 @@ def sandbox(tmp_path_factory) -> Sandbox:
     released_config = root / "released_config"
     released_config.mkdir()
     (released_config / "config.json").write_text(json.dumps(REAL_CONFIG, indent=2))
-    return Sandbox(root, release, released_config)
+    family_fp8 = write_fp8_checkpoint(write_tiny_checkpoint(root / "family_source", family_tiny_config()), root / "f8")
+    family = write_family_checkpoint(family_fp8, root / FAMILY_RELEASE.lstrip("/"))
+    return Sandbox(root, release, released_config, family)
 
 
 # --- tests ------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ FLOORS = [
     ),
     ("megatron.bridge.models.mimo_v2_flash",),
     ("megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash",),
-    ("mimo_v2_flash.checkpoint", "mimo_v2_flash.tiny_checkpoint"),
+    ("mimo_v2_flash.checkpoint", "mimo_v2_flash.tiny_checkpoint", "mimo_v2_flash.tiny_family_checkpoint"),
     ("mimo_v2_flash.config", "mimo_v2_flash.planning"),
 ]
 
