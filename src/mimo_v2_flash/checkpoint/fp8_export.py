@@ -24,9 +24,11 @@ from mimo_v2_flash.checkpoint.fp8 import FP8_DTYPE, SCALE_SUFFIX, FP8Checkpoint,
 from mimo_v2_flash.checkpoint.fp8_quantization import kv_row_maps, quantize_rows
 from mimo_v2_flash.checkpoint.fp8_scale_layouts import grid_rows
 from mimo_v2_flash.checkpoint.fp8_serving import AttentionGeometry, serve_kv_layout
+from mimo_v2_flash.checkpoint.fused_qkv import fuse_qkv_stream
 from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
 from mimo_v2_flash.checkpoint.mxfp4 import quantize_mxfp4
 from mimo_v2_flash.checkpoint.mxfp4 import scale_name as mxfp4_scale_name
+from mimo_v2_flash.config import FUSED_PROJECTIONS, projection_layout
 
 RELEASE_BLOCK = (128, 128)
 KEEP_FP32 = ("e_score_correction_bias",)
@@ -79,9 +81,11 @@ class FP8ExportPlan:
         quantization_config: dict,
         description: str,
         mxfp4: Iterable[str] = (),
+        fused_chunks: int | None = None,
     ) -> None:
         self.groups = {name: group for group in groups for name in group.names}
         self.mxfp4 = frozenset(mxfp4)  # MXFP4 weights (V2.6-Flash experts), re-quantized as MXFP4
+        self.fused_chunks = fused_chunks  # a MiMo-V2 family source: q/k/v written as its fused qkv_proj of T chunks
         self.dtypes = dtypes
         self.block = block
         self.quantization_config = quantization_config
@@ -102,8 +106,10 @@ class FP8ExportPlan:
         return torch.float32 if name.endswith(KEEP_FP32) else torch.bfloat16
 
     def quantize(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        """``weights`` (hub names, any float dtype) as the export writes them: FP8 weights followed by their
-        ``_scale_inv``, every other tensor in its dtype."""
+        """``weights`` (hub names, any float dtype, separate q/k/v) as the export writes them: FP8 weights followed
+        by their ``_scale_inv``, every other tensor in its dtype; for a family source, q/k/v fused first."""
+        if self.fused_chunks is not None:
+            weights = fuse_qkv_stream(weights, self.fused_chunks)
         pending: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
         for name, tensor in weights:
             if name in self.mxfp4:
@@ -173,10 +179,29 @@ def plan_fp8_export(
         groups = _release_groups(reader, block)
         dtypes = {n: torch.float32 if n.endswith(KEEP_FP32) else torch.bfloat16 for n in reader.weight_names()}
         description = f"FP8 in the release's format ({checkpoint.config.get('torch_dtype', 'unquantized')} source)"
+    fused_chunks = _fused_chunks(reader, serve_tp)
     if serve_tp is not None:
         groups = _serving_groups(reader, groups, block, serve_tp)
         description += f", K/V laid out for TP {serve_tp} serving"
-    return FP8ExportPlan(groups, dtypes, block, quant, description, mxfp4)
+    return FP8ExportPlan(groups, dtypes, block, quant, description, mxfp4, fused_chunks)
+
+
+def _fused_chunks(reader: FP8Checkpoint, serve_tp: int | None) -> int | None:
+    """``T`` of a MiMo-V2 family source's fused ``qkv_proj`` (written back in that format), else None."""
+    checkpoint = reader.checkpoint
+    if projection_layout(checkpoint.config) != FUSED_PROJECTIONS:
+        return None
+    if not reader.is_fp8:
+        raise CheckpointError(
+            f"{checkpoint.directory}: an unquantized fused-qkv_proj checkpoint has no FP8 format to write back; "
+            "export it with --dtype bf16 (separate q/k/v)"
+        )
+    if serve_tp is not None:
+        raise CheckpointError(
+            f"{checkpoint.directory}: --fp8-serve-tp lays out separate K/V; a fused qkv_proj is already quantized "
+            f"per rank ({reader.fused_chunks()} chunks)"
+        )
+    return reader.fused_chunks()
 
 
 def layout_record(reader: FP8Checkpoint, kv_layout: str) -> dict:

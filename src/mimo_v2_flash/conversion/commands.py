@@ -13,11 +13,9 @@ from tqdm import tqdm
 
 from mimo_v2_flash.checkpoint.fp8 import FP8_DTYPE, LAYOUT_RECORD, SCALE_SUFFIX, FP8Checkpoint
 from mimo_v2_flash.checkpoint.fp8_export import find_layout_record, layout_record, plan_fp8_export
-from mimo_v2_flash.checkpoint.fused_qkv import fuse_qkv_stream
 from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
 from mimo_v2_flash.checkpoint.output_dirs import check_output_dir, replace_directory, staging_dir
 from mimo_v2_flash.checkpoint.validation import tower_counts, tower_tensors, validate_checkpoint
-from mimo_v2_flash.config import FUSED_PROJECTIONS, projection_layout
 
 GB = 1024**3
 
@@ -151,7 +149,6 @@ def export_checkpoint(
         check_output_dir(adapter_out, overwrite)
     source_checkpoint = HFCheckpoint(hf_dir)
     arch, mtp_layers = validate_checkpoint(source_checkpoint)
-    fused_chunks = _fused_export_chunks(source_checkpoint, fp8, fp8_serve_tp)
     latest_iteration_dir(megatron_path)
     lora_run = find_lora_run(megatron_path)
     if adapter_out is not None and lora_run is None:
@@ -175,7 +172,7 @@ def export_checkpoint(
         peft_tensors[a_name], peft_tensors[b_name] = a.to(dtype, copy=True), b_rows.to(dtype, copy=True).contiguous()
         peft_modules.add(hf_name.removesuffix(".weight").rsplit(".", 1)[-1])
 
-    expected = set(expected_tensors(arch, mtp_layers, fused_qkv=fused_chunks is not None))
+    expected = set(expected_tensors(arch, mtp_layers))
     bar = tqdm(
         total=len(expected) + (len(expected_scales) if fp8 else 0),
         unit="tensor",
@@ -208,8 +205,6 @@ def export_checkpoint(
     source = lora_run.base_checkpoint if lora_run is not None else megatron_path
     sink = collect_adapter if adapter_out is not None else None
     weights = iter_hf_weights(source, mimo_v2_flash_mapping_registry(), lora=adapters, adapter_sink=sink)
-    if fused_chunks is not None:
-        weights = fuse_qkv_stream(weights, fused_chunks)
     towers = ((name, source_checkpoint.get(name)) for name in tower_tensors(source_checkpoint.keys()))
     summary = write_hf_checkpoint(
         checked(weights),
@@ -228,25 +223,6 @@ def export_checkpoint(
     if adapter_out is not None:
         write_peft_adapter(peft_tensors, peft_adapter_config(lora_run, sorted(peft_modules), str(hf_dir)), adapter_out)
     return summary
-
-
-def _fused_export_chunks(checkpoint: HFCheckpoint, fp8: bool, fp8_serve_tp: int | None) -> int | None:
-    """``T`` where the export writes the source's fused ``qkv_proj`` (an FP8 export of a MiMo-V2 family
-    checkpoint, in its own format); None where it writes separate q/k/v (every other export)."""
-    if projection_layout(checkpoint.config) != FUSED_PROJECTIONS or not fp8:
-        return None
-    reader = FP8Checkpoint(checkpoint)
-    if not reader.is_fp8:
-        raise CheckpointError(
-            f"{checkpoint.directory}: an unquantized fused-qkv_proj checkpoint has no FP8 format to write back; "
-            "export it with --dtype bf16 (separate q/k/v)"
-        )
-    if fp8_serve_tp is not None:
-        raise CheckpointError(
-            f"{checkpoint.directory}: --fp8-serve-tp lays out separate K/V; a fused qkv_proj is already quantized "
-            f"per rank ({reader.fused_chunks()} chunks)"
-        )
-    return reader.fused_chunks()
 
 
 def write_peft_adapter(tensors: dict[str, torch.Tensor], config: dict, adapter_out: Path) -> None:

@@ -37,7 +37,9 @@ def export_hf_weights_fp8(
         show_progress: Megatron-Bridge's progress bar.
 
     Yields:
-        FP8 weights each followed by its ``_scale_inv``; every other tensor in the source's dtype.
+        FP8 weights each followed by its ``_scale_inv`` (MXFP4 experts by their ``_scale``; a MiMo-V2 family
+        source's q/k/v as its fused ``qkv_proj``); every other tensor in the source's dtype. MiMo-V2.5's towers are
+        not part of the model and are not streamed (an engine keeps its own).
     """
     plan = plan_fp8_export(Path(source_dir), kv_layout=kv_layout, serve_tp=serve_tp)
     chunks = model if isinstance(model, list) else [model]
