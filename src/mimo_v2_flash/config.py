@@ -430,3 +430,37 @@ def released_config() -> dict[str, Any]:
         "hidden_act": "silu",
         "torch_dtype": "bfloat16",
     }
+
+
+def released_family_configs() -> dict[str, dict[str, Any]]:
+    """The released text-backbone architectures by model name, for planning without a checkpoint.
+
+    MiMo-V2.5 and V2.5-Pro from their config.json files (shared/reference/mimo_v2_family_facts.md). Pro's
+    ``moe_intermediate_size`` 2048 is the value that gives its stated 1.02T total / 42B active parameters;
+    its ``intermediate_size`` (dense layer 0 and the MTP layers only, under 1% of the total) is assumed equal to
+    V2-Flash's.
+    """
+    flash = released_config()
+    v25 = dict(
+        flash,
+        architectures=["MiMoV2ForCausalLM"],
+        model_type="mimo_v2",
+        attention_projection_layout=FUSED_PROJECTIONS,
+        rope_theta=10_000_000.0,
+        max_position_embeddings=1048576,
+    )
+    pro_full_layers = {0, 7, 15, 23, 31, 39, 47, 55, 62, 69}
+    pro = dict(
+        v25,
+        hidden_size=6144,
+        num_hidden_layers=70,
+        num_attention_heads=128,
+        swa_num_attention_heads=128,
+        num_key_value_heads=8,
+        swa_num_key_value_heads=8,
+        hybrid_layer_pattern=[0 if i in pro_full_layers else 1 for i in range(70)],
+        moe_layer_freq=[0] + [1] * 69,
+        n_routed_experts=384,
+        attention_value_scale=0.612,
+    )
+    return {"MiMo-V2-Flash": flash, "MiMo-V2.5": v25, "MiMo-V2.5-Pro": pro}

@@ -3,7 +3,7 @@
     python plan_parallelism.py --tp 8 --pp 4 --ep 8 --gpus 32 [--gpu-memory-gb 80] [--hf-model DIR]
     python plan_parallelism.py --recommend 8 16 32 64      # best layouts for those H100 80 GB counts
 
-Without --hf-model the released model's architecture is used (3 MTP layers). A layout "fits" when parameters +
+Without --hf-model a released architecture is used (--model; 3 MTP layers). A layout "fits" when parameters +
 gradients + optimizer state leave --activation-headroom-gb free per GPU; --recommend also prints the estimated
 activations at 4k and 32k tokens (micro-batch 1, sequence parallel, selective recompute, as the recipe runs).
 """
@@ -17,18 +17,13 @@ from pathlib import Path
 
 
 def _arch(args):
-    from mimo_v2_flash.config import (
-        load_config_dict,
-        parse_architecture,
-        released_config,
-    )
+    from mimo_v2_flash.config import parse_architecture, released_family_configs
 
     if args.hf_model is None:
-        return parse_architecture(released_config()), 3
+        return parse_architecture(released_family_configs()[args.model]), 3
     from mimo_v2_flash.checkpoint.hf_checkpoint import HFCheckpoint
     from mimo_v2_flash.checkpoint.validation import validate_checkpoint
 
-    del load_config_dict
     return validate_checkpoint(HFCheckpoint(args.hf_model))
 
 
@@ -51,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--hf-model", type=Path, help="checkpoint whose config (and MTP count) to use")
+    parser.add_argument(
+        "--model",
+        choices=["MiMo-V2-Flash", "MiMo-V2.5", "MiMo-V2.5-Pro"],
+        default="MiMo-V2-Flash",
+        help="released architecture to plan for without --hf-model (default MiMo-V2-Flash; V2.6-Flash has its size)",
+    )
     for flag, default in (("tp", 8), ("pp", 1), ("ep", 8), ("etp", 1)):
         parser.add_argument(f"--{flag}", type=int, default=default, help=f"{flag.upper()} size (default {default})")
     parser.add_argument("--gpus", type=int, default=8, help="number of GPUs (default 8)")

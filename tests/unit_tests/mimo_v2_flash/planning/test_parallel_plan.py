@@ -24,6 +24,23 @@ def test_released_model_has_309b_parameters():
     assert 14e9 < active < 18e9  # model card: 15B active (plus embeddings / MTP here)
 
 
+def test_family_presets_have_their_stated_sizes():
+    """Model cards: MiMo-V2.5 310B / 15B active, MiMo-V2.5-Pro 1.02T / 42B active (plus embeddings / MTP here)."""
+    from mimo_v2_flash.config import released_family_configs
+
+    configs = released_family_configs()
+    v25 = total_parameters(parse_architecture(configs["MiMo-V2.5"]), mtp_layers=3)
+    assert 305e9 < v25[0] < 315e9 and 14e9 < v25[1] < 18e9
+    pro_arch = parse_architecture(configs["MiMo-V2.5-Pro"])
+    total, active = total_parameters(pro_arch, mtp_layers=3)
+    assert 1.00e12 < total < 1.04e12 and 40e9 < active < 46e9
+    assert (pro_arch.full_num_kv_heads, pro_arch.swa_num_kv_heads, pro_arch.layer_types.count("full_attention")) == (
+        8,
+        8,
+        10,
+    )
+
+
 def test_unsharded_count_equals_every_checkpoint_tensor():
     arch = parse_architecture(tiny_config())
     mem = plan_rank_memory(arch, 1, 1, 1, 1, mtp_layers=2, lora_rank=0)
