@@ -11,9 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mimo_v2_flash import config as mimo_config
 from mimo_v2_flash.checkpoint import fp8 as fp8_checkpoint
-from mimo_v2_flash.checkpoint import hf_checkpoint, validation
+from mimo_v2_flash.checkpoint import hf_checkpoint, mxfp4, validation
 from neuron_export import nxdi_contract
 
 MTP_LAYER = re.compile(r"^model\.mtp\.layers\.(\d+)\.")
@@ -111,10 +113,25 @@ def _architecture(ckpt, config: dict, report: Inspection):
     return arch
 
 
+def _is_mxfp4(ckpt, name: str) -> bool:
+    """An MXFP4 weight (MiMo-V2.6-Flash experts): ``uint8`` with a ``uint8`` ``<name>_scale``."""
+    scale = mxfp4.scale_name(name)
+    return ckpt.dtype(name) == torch.uint8 and scale in ckpt and ckpt.dtype(scale) == torch.uint8
+
+
+def _logical_shape(ckpt, name: str) -> tuple[int, ...]:
+    shape = ckpt.shape(name)
+    return (*shape[:-1], 2 * shape[-1]) if _is_mxfp4(ckpt, name) else shape
+
+
 def _check_tensors(ckpt, config: dict, report: Inspection) -> None:
     arch = _architecture(ckpt, config, report)
-    scales = [n for n in ckpt.keys() if n.endswith(fp8_checkpoint.SCALE_SUFFIX)]
-    weights = [n for n in ckpt.keys() if not n.endswith(fp8_checkpoint.SCALE_SUFFIX)]
+    towers = set(validation.tower_tensors(ckpt.keys()))
+    mxfp4_scales = {mxfp4.scale_name(n) for n in ckpt.keys() if _is_mxfp4(ckpt, n)}
+    scales = [n for n in ckpt.keys() if n.endswith(fp8_checkpoint.SCALE_SUFFIX) and n not in towers]
+    weights = [
+        n for n in ckpt.keys() if not n.endswith(fp8_checkpoint.SCALE_SUFFIX) and n not in towers | mxfp4_scales
+    ]
     prepared = any(nxdi_contract.hub_name(n) != n for n in weights)
     report.layout = PREPARED if prepared else HUB
     report.mtp_layers, numbering = mtp_layer_count(weights)
@@ -132,7 +149,11 @@ def _check_tensors(ckpt, config: dict, report: Inspection) -> None:
             report.mtp_layers = mtp_layer_count(list(hf_checkpoint.HFCheckpoint(mtp_index.parent).keys()))[0]
     if arch is None:
         return
-    expected = validation.expected_tensors(arch, 0 if prepared else report.mtp_layers)
+    try:
+        fused = mimo_config.projection_layout(config) == mimo_config.FUSED_PROJECTIONS
+    except mimo_config.MiMoV2FlashConfigError:
+        fused = False  # reported by _architecture
+    expected = validation.expected_tensors(arch, 0 if prepared else report.mtp_layers, fused and not prepared)
     stored_names = set()
     for name, shape in expected.items():
         stored = nxdi_contract.prepared_name(name) if prepared else name
@@ -141,14 +162,14 @@ def _check_tensors(ckpt, config: dict, report: Inspection) -> None:
             report.problems.append(f"{ckpt.directory}: tensor {stored} is missing (required by config.json)")
             continue
         where = f"{ckpt.file_of(stored)}: tensor {stored}"
-        if ckpt.shape(stored) != shape:
-            report.problems.append(f"{where} has shape {ckpt.shape(stored)}, config.json implies {shape}")
+        if _logical_shape(ckpt, stored) != shape:
+            report.problems.append(f"{where} has shape {_logical_shape(ckpt, stored)}, config.json implies {shape}")
         dtype = _dtype_name(ckpt.dtype(stored))
         if prepared and dtype != nxdi_contract.output_dtype_name(stored):
             report.problems.append(
                 f"{where} has dtype {dtype}, NxDI's BF16 path expects {nxdi_contract.output_dtype_name(stored)}"
             )
-        elif not dtype.startswith(("float", "bfloat")):
+        elif not dtype.startswith(("float", "bfloat")) and not _is_mxfp4(ckpt, stored):
             report.problems.append(f"{where} has dtype {dtype} (not a floating-point weight)")
     report.problems += [
         f"{ckpt.file_of(n)}: unexpected tensor {n} (unknown layout)"

@@ -63,8 +63,12 @@ HUB_ROUTER_BIAS = "mlp.gate.e_score_correction_bias"
 NXDI_ROUTER_BIAS = "mlp.router.e_score_correction_bias"
 MTP_PREFIX = "model.mtp."
 MTP_DIR = "mtp"
-MIMO_MODEL_TYPES = ("mimo_v2_flash",)
-MIMO_ARCHITECTURES = ("MiMoV2FlashForCausalLM",)
+MIMO_MODEL_TYPES = ("mimo_v2_flash", "mimo_v2")
+MIMO_ARCHITECTURES = ("MiMoV2FlashForCausalLM", "MiMoV2ForCausalLM")
+# A MiMo-V2 family source (MiMo-V2.5 / V2.6-Flash text backbone) is prepared as the MiMo-V2-Flash model it is: its
+# q/k/v split out of the fused qkv_proj, its towers left out, its config in V2-Flash's identity (transformers, which
+# NxDI's config loading goes through, has no ``mimo_v2`` model, and the remote code is never used).
+FAMILY_ONLY_CONFIG_FIELDS = ("auto_map", "attention_projection_layout", "rope_scaling")
 _ROUTER_BIAS = re.compile(r"^(model\.layers\.\d+\.)" + re.escape(HUB_ROUTER_BIAS) + "$")
 _PREPARED_ROUTER_BIAS = re.compile(r"^(model\.layers\.\d+\.)" + re.escape(NXDI_ROUTER_BIAS) + "$")
 
@@ -105,7 +109,8 @@ def identity_problem(cfg: dict[str, Any]) -> str | None:
         return None
     return (
         f"not a MiMo-V2-Flash checkpoint (model_type {cfg.get('model_type')!r}, architectures "
-        f"{cfg.get('architectures')!r}; expected model_type 'mimo_v2_flash' / MiMoV2FlashForCausalLM)"
+        f"{cfg.get('architectures')!r}; expected model_type 'mimo_v2_flash' / MiMoV2FlashForCausalLM, or the MiMo-V2 "
+        "family's 'mimo_v2' / MiMoV2ForCausalLM)"
     )
 
 
@@ -134,6 +139,9 @@ def nxdi_config(original: dict[str, Any]) -> dict[str, Any]:
     from mimo_v2_flash.checkpoint import hf_writer
 
     arch = mimo_config.parse_architecture(original)
+    if mimo_config.projection_layout(original) == mimo_config.FUSED_PROJECTIONS:
+        original = {k: v for k, v in original.items() if k not in FAMILY_ONLY_CONFIG_FIELDS}
+        original.update(architectures=[MIMO_ARCHITECTURES[0]], model_type=MIMO_MODEL_TYPES[0])
     config = hf_writer.export_config(original, torch.bfloat16)
     config.update(
         attention_bias=False,

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mimo_v2_flash import config as mimo_config
 from mimo_v2_flash.checkpoint import fp8 as fp8_checkpoint
-from mimo_v2_flash.checkpoint import hf_checkpoint, hf_writer, output_dirs
+from mimo_v2_flash.checkpoint import fused_qkv, hf_checkpoint, hf_writer, output_dirs, validation
 from neuron_export import nxdi_contract
 from neuron_export.errors import ExportError
 from neuron_export.inspection import PREPARED, inspect_checkpoint
@@ -53,10 +54,12 @@ def _progress_bar(total: int, desc: str):
 
 
 def _plan_tensors(reader, keep_mtp: bool) -> list[tuple[str, str, str]]:
-    """``(source name, output name, "main" | "mtp")`` in source-shard order (sequential reads)."""
+    """``(source name, output name, "main" | "mtp")`` in source-shard order (sequential reads); MiMo-V2.5's towers
+    are left out (NxDI's MiMo model is text-only)."""
     ckpt = reader.checkpoint
     plan = []
-    for name in sorted(reader.weight_names(), key=lambda n: (ckpt.weight_map[n], n)):
+    towers = set(validation.tower_tensors(ckpt.keys()))
+    for name in sorted(set(reader.weight_names()) - towers, key=lambda n: (ckpt.weight_map[n], n)):
         if nxdi_contract.is_mtp(name):
             if keep_mtp:
                 plan.append((name, name, "mtp"))
@@ -72,10 +75,26 @@ def _write_tensors(reader, plan, writers: dict, bar) -> int:
     for source_name, output_name, target in plan:
         dtype = torch.float32 if nxdi_contract.output_dtype_name(output_name) == "float32" else torch.bfloat16
         tensor = reader.get(source_name, dtype)
-        writers[target].add(output_name, tensor)
+        if source_name.endswith(fused_qkv.FUSED_QKV_SUFFIX):
+            parts = _split_fused(reader, source_name, tensor)
+        else:
+            parts = {output_name: tensor}
+        for name, part in parts.items():
+            writers[target].add(name, part)
         written += tensor.numel() * tensor.element_size()
         bar.update(tensor.numel() * tensor.element_size())
     return written
+
+
+def _split_fused(reader, name: str, tensor) -> dict:
+    """A MiMo-V2 family ``qkv_proj`` (dequantized per chunk) as the hub's ``q_proj`` / ``k_proj`` / ``v_proj``."""
+    arch = mimo_config.parse_architecture(reader.checkpoint.config)
+    kv_heads = arch.swa_num_kv_heads if reader.is_sliding_layer(name) else arch.full_num_kv_heads
+    dk, dv = reader.kv_head_dims(name)
+    q, k, v = fused_qkv.split_fused_qkv(
+        tensor, reader.fused_chunks(), arch.num_attention_heads, kv_heads, dk, dv, name
+    )
+    return {name.replace("qkv_proj", f"{p}_proj"): t.contiguous() for p, t in zip("qkv", (q, k, v), strict=True)}
 
 
 def prepare(
@@ -101,7 +120,7 @@ def prepare(
     config = nxdi_contract.nxdi_config(reader.checkpoint.config)
     plan = _plan_tensors(reader, keep_mtp)
     total = sum(
-        math.prod(reader.checkpoint.shape(s)) * (4 if nxdi_contract.output_dtype_name(o) == "float32" else 2)
+        math.prod(reader.logical_shape(s)) * (4 if nxdi_contract.output_dtype_name(o) == "float32" else 2)
         for s, o, _ in plan
     )
     staging = output_dirs.staging_dir(output)

@@ -138,3 +138,25 @@ def test_bad_family_input_is_one_line_and_leaves_nothing(case, family, tmp_path,
     for fragment in fragments:
         assert fragment in err[0], (fragment, err[0])
     assert list(out_parent.iterdir()) == []
+
+
+def test_neuron_export_prepares_the_family_as_the_split_model(family, tmp_path):
+    """NxDI's MiMo model reads BF16 MiMo-V2-Flash: q/k/v split out of the chunks, MXFP4 experts decoded, towers and
+    MTP left out, a V2-Flash config; the source and the output both inspect without problems."""
+    from neuron_export import nxdi_contract
+    from neuron_export.inspection import inspect_checkpoint
+    from neuron_export.prepare import prepare
+
+    family_dir, oracle, _ = family
+    assert inspect_checkpoint(family_dir).problems == []
+    prepare(family_dir, tmp_path / "nxdi")
+    assert inspect_checkpoint(tmp_path / "nxdi").problems == []
+    prepared, truth = hf_state_dict(tmp_path / "nxdi"), hf_state_dict(oracle)
+    text_model = {nxdi_contract.prepared_name(n): t for n, t in truth.items() if not n.startswith("model.mtp.")}
+    assert sorted(prepared) == sorted(text_model)
+    for name, tensor in text_model.items():
+        expected = tensor.float() if nxdi_contract.is_router_bias(name) else tensor.to(torch.bfloat16)
+        assert torch.equal(prepared[name], expected), name
+    config = json.loads((tmp_path / "nxdi" / "config.json").read_text())
+    assert (config["architectures"], config["model_type"]) == (["MiMoV2FlashForCausalLM"], "mimo_v2_flash")
+    assert "auto_map" not in config and "attention_projection_layout" not in config
