@@ -137,3 +137,6 @@ def write_family_checkpoint(
     if mxfp4:
         family_config["quantization_config"].update(store_dtype="mxfp4", mxfp4_block_size=32)
     (dst / "config.json").write_text(json.dumps(family_config))
+    for extra in src.iterdir():  # tokenizer and chat template
+        if extra.is_file() and not extra.name.endswith(".safetensors") and not (dst / extra.name).exists():
+            (dst / extra.name).write_bytes(extra.read_bytes())

@@ -160,3 +160,36 @@ def test_neuron_export_prepares_the_family_as_the_split_model(family, tmp_path):
     config = json.loads((tmp_path / "nxdi" / "config.json").read_text())
     assert (config["architectures"], config["model_type"]) == (["MiMoV2FlashForCausalLM"], "mimo_v2_flash")
     assert "auto_map" not in config and "attention_projection_layout" not in config
+
+
+def _blocks_at_448(fp8: torch.Tensor, chunks: int, block: tuple[int, int]) -> bool:
+    """Every (row block, column block) of every chunk, each chunk on its own grid, holds |fp8| = 448."""
+    values = fp8.float().abs()
+    chunk_rows = values.shape[0] // chunks
+    for c in range(chunks):
+        for r in range(c * chunk_rows, (c + 1) * chunk_rows, block[0]):
+            for col in range(0, values.shape[1], block[1]):
+                rows_end = min(r + block[0], (c + 1) * chunk_rows)
+                if values[r:rows_end, col : col + block[1]].max().item() != 448.0:
+                    return False
+    return True
+
+
+def test_fine_tuned_family_model_exports_in_its_own_format(family, tmp_path):
+    from test_finetune import TRAIN_FLAGS, finetune
+
+    family_dir = family[0]
+    finetune("--hf-model", family_dir, "--output", tmp_path / "sft", "--train-iters", "2", *TRAIN_FLAGS)
+    assert _export(family_dir, tmp_path / "sft", tmp_path / "fp8", "--dtype", "fp8") == 0
+    source, written = hf_state_dict(family_dir), hf_state_dict(tmp_path / "fp8")
+    assert sorted(written) == sorted(source)
+    assert json.loads((tmp_path / "fp8" / "config.json").read_text()) == json.loads(
+        (family_dir / "config.json").read_text()
+    )
+    fused = [n for n in source if n.endswith("qkv_proj.weight")]
+    assert any(not torch.equal(_bits(written[n]), _bits(source[n])) for n in fused)  # it was trained
+    assert all(written[n].dtype == FP8 and _blocks_at_448(written[n], 2, BLOCK) for n in fused)
+    experts = [n for n in source if n.endswith("_proj.weight") and ".experts." in n]
+    for name in experts:  # MXFP4 by the OCP rule: every block's largest code is 4 or 6
+        codes = torch.stack((written[name] & 7, (written[name] >> 4) & 7), dim=-1).reshape(written[name].shape[0], -1)
+        assert written[name].dtype == torch.uint8 and bool((codes.view(codes.shape[0], -1, 32).amax(-1) >= 6).all())
