@@ -117,6 +117,10 @@ BAD = {
         ),
         ["mlp.experts.", "uint8", "mxfp4"],
     ),
+    "MTP layers the config contradicts": (
+        lambda d: _set_config(d, num_nextn_predict_layers=3),
+        ["1 MTP layer(s)", "num_nextn_predict_layers=3"],
+    ),
     "scaled rope": (
         lambda d: _set_config(d, rope_scaling={"rope_type": "yarn", "factor": 4.0}),
         ["config.json", "rope_scaling", "yarn"],

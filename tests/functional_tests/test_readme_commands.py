@@ -26,7 +26,7 @@ commands writing what it reads, see ``prerequisites``):
   TP 2, PP 2). ``--nproc-per-node N`` above 2 (this machine's cores; a GPU layout) is checked with
   ``--print-config`` and with ``plan_parallelism.py --gpus N`` on the released model (the layout must exist).
 * skipped, with the reason in the skip message: ``bash setup.sh`` (it builds the very .venv these tests run in,
-  then the ~3.4-minute demo), the test suite itself, ``neuron_export compile`` and the bundle's scripts (Neuron SDK
+  then the ~4-minute demo), the test suite itself, ``neuron_export compile`` and the bundle's scripts (Neuron SDK
   on a trn2 host).
 * anything else (a launcher from PATH such as bare ``python`` or ``torchrun``, which setup.sh does not put there, an
   unmapped path) has no decision: ``test_every_command_has_a_decision`` fails and names it. A new README command
@@ -246,7 +246,7 @@ def decide(command: Command, later: list[Command]) -> Decision:
     if command.undefined:
         return Decision("undecided", f"uses ${', $'.join(command.undefined)}, which its code block does not set")
     if argv[0] == "bash" and len(argv) > 1 and Path(argv[1]).name == "setup.sh":
-        reason = "setup.sh builds the .venv these tests run in, then the ~3.4-minute demo (the install is "
+        reason = "setup.sh builds the .venv these tests run in, then the ~4-minute demo (the install is "
         return Decision("skip", reason + "test_install.py's, the demo's steps are the commands below)")
     if "pytest" in argv[:3]:
         return Decision("skip", "the test suite itself")

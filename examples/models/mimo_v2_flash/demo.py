@@ -9,7 +9,8 @@
 6. fine-tune the FP8 checkpoint on the shipped chat data (finetune.sh; imported on the fly);
 7. export the fine-tuned model and 8. check it against the fine-tuned Megatron model the same way;
 9. export the fine-tuned model in the source's own FP8 format (--dtype fp8) and 10. inspect it: the same scale
-   layouts as the source, and the serving TPs at which vLLM / SGLang read it exactly.
+   layouts as the source, and the serving TPs at which vLLM / SGLang read it exactly;
+11. write a tiny MiMo-V2 family checkpoint (V2.6-Flash style), 12. import it and 13. export it in its own format.
 
 Every step runs the same command line a user would; outputs go to ``--workdir`` (default ``demo_outputs/``).
 """
@@ -148,6 +149,24 @@ def main() -> int:
     step(
         "10. FP8 scale layouts of the FP8 export, and the serving TPs that read it exactly",
         [python, str(HERE / "convert_checkpoints.py"), "inspect-fp8", "--hf-model", str(finetuned_fp8)],
+        log,
+    )
+    family_hf, family_megatron, family_fp8 = work / "tiny_v26_hf", work / "tiny_v26_megatron", work / "tiny_v26_fp8"
+    step(
+        "11. tiny MiMo-V2 family checkpoint (V2.6-Flash style: fused qkv_proj in rank chunks, MXFP4 experts, towers)",
+        [python, str(HERE / "make_tiny_checkpoint.py"), "--output", str(family_hf), "--family", "--mxfp4"],
+        log,
+    )
+    step(
+        "12. import it (the chunk count from the index, checked against every layer's scales)",
+        [python, str(HERE / "convert_checkpoints.py"), "import", "--hf-model", str(family_hf)]
+        + ["--megatron-path", str(family_megatron)],
+        log,
+    )
+    step(
+        "13. export it in its own format (fused FP8 qkv_proj, MXFP4 experts, towers copied)",
+        [python, str(HERE / "convert_checkpoints.py"), "export", "--hf-model", str(family_hf)]
+        + ["--megatron-path", str(family_megatron), "--hf-path", str(family_fp8), "--dtype", "fp8"],
         log,
     )
     print(f"\ndemo finished: outputs in {work}, full log in {log}")

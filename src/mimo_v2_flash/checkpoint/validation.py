@@ -111,6 +111,13 @@ def validate_checkpoint(checkpoint: HFCheckpoint) -> tuple[MiMoV2FlashArchitectu
         mtp_layers = count_mtp_layers(weights)
     except ValueError as error:
         raise CheckpointError(f"{checkpoint.directory}: {error}") from None
+    stated = checkpoint.config.get("num_nextn_predict_layers")
+    if mtp_layers and isinstance(stated, int) and stated != mtp_layers:
+        # A checkpoint without MTP weights is fine (conversions often drop them); one with other counts is not.
+        raise CheckpointError(
+            f"{checkpoint.directory}: {mtp_layers} MTP layer(s) in the weights, config.json states "
+            f"num_nextn_predict_layers={stated}"
+        )
     expected = expected_tensors(arch, mtp_layers, fused_qkv)
     for name, shape in expected.items():
         if name not in checkpoint:
