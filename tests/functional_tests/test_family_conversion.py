@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 from family_reference import BLOCK, FAMILY, TOWERS, write_family_checkpoint
-from mimo_testing import hf_state_dict, megatron_logits
+from mimo_testing import hf_state_dict, megatron_logits, megatron_model
 from test_conversion import convert
 from test_parallel import PROMPT, TOLERANCE, _logits
 
@@ -80,6 +80,17 @@ def test_bf16_export_is_split_and_equals_the_reference_dequantization(family, tm
     assert (
         config["architectures"] == ["MiMoV2ForCausalLM"] and config["vision_config"] == source_config["vision_config"]
     )
+
+
+def test_split_family_checkpoint_loads_as_the_same_model(family, tmp_path, parallel_state):
+    """A family checkpoint with separate q/k/v (``attention_projection_layout: "split"``, as BF16 conversions and
+    this project's FP32 export write it) loads as the same model as the split MiMo-V2-Flash of its weights."""
+    family_dir, oracle, megatron = family
+    assert _export(family_dir, megatron, tmp_path / "fp32", "--dtype", "float32") == 0
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["attention_projection_layout"] == "split"
+    ours, reference = dict(megatron_model(tmp_path / "fp32").named_parameters()), megatron_model(oracle)
+    for name, param in reference.named_parameters():
+        assert torch.equal(ours[name], param), name
 
 
 @pytest.mark.parametrize("tp", [2, 4])
