@@ -102,6 +102,14 @@ def test_tensor_parallel_loads_give_the_one_process_logits(family, tp, tmp_path,
     assert (logits - single).abs().max().item() <= TOLERANCE
 
 
+def test_peft_adapter_for_a_fused_base_is_refused_in_one_line(family, tmp_path, capsys, parallel_state):
+    family_dir, _, megatron = family
+    assert _export(family_dir, megatron, tmp_path / "out", "--adapter-path", str(tmp_path / "adapter")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fused qkv_proj" in err[0] and "--adapter-path" in err[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "adapter").exists()
+
+
 def _set_index_tp(directory, tp_size):
     path = directory / "model.safetensors.index.json"
     index = json.loads(path.read_text())

@@ -16,6 +16,7 @@ from mimo_v2_flash.checkpoint.fp8_export import find_layout_record, layout_recor
 from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError, HFCheckpoint
 from mimo_v2_flash.checkpoint.output_dirs import check_output_dir, replace_directory, staging_dir
 from mimo_v2_flash.checkpoint.validation import tower_counts, tower_tensors, validate_checkpoint
+from mimo_v2_flash.config import FUSED_PROJECTIONS, projection_layout
 
 GB = 1024**3
 
@@ -149,6 +150,11 @@ def export_checkpoint(
         check_output_dir(adapter_out, overwrite)
     source_checkpoint = HFCheckpoint(hf_dir)
     arch, mtp_layers = validate_checkpoint(source_checkpoint)
+    if adapter_out is not None and projection_layout(source_checkpoint.config) == FUSED_PROJECTIONS:
+        raise CheckpointError(
+            f"{hf_dir}: --adapter-path: this base stores a fused qkv_proj, and the adapter would name q/k/v modules "
+            "it does not have; export the merged model (without --adapter-path)"
+        )
     latest_iteration_dir(megatron_path)
     lora_run = find_lora_run(megatron_path)
     if adapter_out is not None and lora_run is None:
