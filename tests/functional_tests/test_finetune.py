@@ -172,6 +172,42 @@ def test_parallel_training_matches_one_process(sft_run, fp8_hf, reference_losses
     assert norms == reference_norms and all(float(norm) > 1.0 for norm in norms.values()), (norms, reference_norms)
 
 
+def test_context_parallel_training_matches_one_process(sft_run, fp8_hf, tmp_path):
+    """``--cp 2`` (local attention, K/V gathered, Megatron's load-balanced split, causal and sliding-window spans
+    across the chunk boundaries) trains as one process with per-token loss sums: the same LM losses and grad norms.
+    The MTP loss is off: Megatron-Core normalizes it per CP rank (refused with it on, see the next test)."""
+    skip_unless_ranks_fit(2)
+    common = ["--megatron-path", sft_run[0] / "pretrained", "--tokenizer", fp8_hf, "--train-iters", 3, *TRAIN_FLAGS]
+    common += ["--mtp-loss-scale", "0"]
+    # What Megatron-Bridge requires of a CP fine-tune (the recipe sets it under --cp), here for one process too.
+    reference = finetune(*common, "--output", tmp_path / "one", "model.calculate_per_token_loss=true",
+                         "ddp.average_in_collective=false")  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python"]
+    command += ["bash", str(EXAMPLES / "finetune.sh"), *map(str, common), "--output", str(tmp_path / "cp2")]
+    done = subprocess.run([*command, "--cp", "2"], capture_output=True, text=True, timeout=900)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    one_lm = {step: lm for step, (lm, _) in losses(reference).items()}
+    assert sorted(one_lm) == [1, 2, 3]
+    assert {step: lm for step, (lm, _) in losses(log).items()} == one_lm
+    assert dict(GRAD_NORM.findall(log)) == dict(GRAD_NORM.findall(reference))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--cp", "2"], "--mtp-loss-scale 0"),
+        (["--cp", "2", "--mtp-loss-scale", "0", "--seq-length", "66"], "divisible by 2 x cp = 4"),
+        (["--cp", "2", "--mtp-loss-scale", "0", "--backend", "te"], "local attention backend only"),
+    ],
+    ids=["mtp_loss", "seq_length", "te_backend"],
+)
+def test_context_parallel_runs_that_cannot_be_exact_are_refused_in_one_line(fp8_hf, tmp_path, flags, message):
+    done = run_finetune("--hf-model", fp8_hf, "--output", tmp_path / "run", "--print-config", *flags)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("finetune:")]
+    assert done.returncode != 0 and len(errors) == 1 and message in errors[0], done.stderr[-2000:]
+
+
 def test_router_bias_update_and_config_overrides(sft_run, fp8_hf, tmp_path):
     """--router-bias-update-rate turns on the aux-loss-free bias update; key=value overrides reach the config."""
     base = sft_run[0] / "pretrained"

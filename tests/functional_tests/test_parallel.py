@@ -58,6 +58,11 @@ LAYOUTS = {
     "ep2": (2, ["--ep", "2"]),
     "tp2_ep2": (4, ["--tp", "2", "--ep", "2"]),
     "pp2_vp2": (2, ["--pp", "2", "--vp", "2"]),
+    # The 14-token prompt is padded to 16 and cut into 4 chunks of 4: causal spans and the 4-token windows cross
+    # every chunk boundary.
+    "cp2": (2, ["--cp", "2"]),
+    "cp2_tp2": (4, ["--cp", "2", "--tp", "2"]),
+    "cp2_ep2": (4, ["--cp", "2", "--ep", "2"]),
 }
 
 
@@ -126,7 +131,8 @@ def test_checkpoints_reshard_both_ways_and_export_identically(hf_dir, baseline, 
         ({"ep": 3}, "experts"),
         ({"pp": 3}, "num_hidden_layers"),
         ({"etp": 3}, "moe_intermediate_size"),
-        ({"cp": 2}, "context parallelism is not supported"),
+        ({"cp": 2, "seq_length": 66}, "divisible by 2 x cp = 4"),
+        ({"cp": 2, "transformer_engine": True}, "local attention backend only"),
         ({"tp": 2, "world_size": 1}, "torchrun"),
         ({"ep": 2, "etp": 2, "world_size": 2}, "etp\\*ep\\*pp"),
     ],

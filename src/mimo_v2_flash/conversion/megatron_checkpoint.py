@@ -51,6 +51,7 @@ def load_megatron_checkpoint(
     etp: int | None = None,
     vp: int | None = None,
     backend: str = "auto",
+    cp: int = 1,
 ):
     """Load the latest weights under ``path`` at the given parallel layout; optionally cast to ``dtype``.
 
@@ -71,6 +72,7 @@ def load_megatron_checkpoint(
         "expert_model_parallel_size": ep,
         "expert_tensor_parallel_size": etp if etp is not None else tp,
         "virtual_pipeline_model_parallel_size": vp,
+        "context_parallel_size": cp,
         **backend_settings(backend),
     }
     if vp:

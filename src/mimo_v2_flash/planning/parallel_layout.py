@@ -28,17 +28,28 @@ def check_parallel_layout(
     etp: int | None = None,
     cp: int = 1,
     world_size: int | None = None,
+    seq_length: int | None = None,
+    transformer_engine: bool = False,
 ) -> None:
-    """Raise with an actionable message if the layout cannot run this model (``arch=None``: sizes only)."""
+    """Raise with an actionable message if the layout cannot run this model (``arch=None``: sizes only).
+
+    Context parallelism (``cp``) splits each sequence into ``2 * cp`` chunks (Megatron's load-balanced split), so
+    ``seq_length`` must divide by ``2 * cp``; it runs on the local attention backend (``transformer_engine``:
+    the TE backend is asked for, where MiMo's CP is not implemented yet).
+    """
     etp = tp if etp is None else etp
     for name, value in (("--tp", tp), ("--pp", pp), ("--ep", ep), ("--etp", etp), ("--cp", cp)):
         if value < 1:
             raise MiMoV2FlashConfigError(f"{name} must be >= 1, got {value}")
-    if cp > 1:
+    if cp > 1 and seq_length is not None and seq_length % (2 * cp):
         raise MiMoV2FlashConfigError(
-            "context parallelism is not supported: the sliding-window layers' sink column and window would have "
-            "to be carried across sequence chunks, which neither the local attention nor TE's learnable-softmax "
-            "path does; use --tp / --pp / --ep to shard instead"
+            f"--cp {cp}: the sequence length {seq_length} must be divisible by 2 x cp = {2 * cp} (each rank holds "
+            "two of the 2 x cp chunks)"
+        )
+    if cp > 1 and transformer_engine:
+        raise MiMoV2FlashConfigError(
+            f"--cp {cp} runs on the local attention backend only (--backend local): MiMo context parallelism on "
+            "TransformerEngine (a2a for the sliding-window layers' sinks, TE >= 2.16) is not implemented yet"
         )
     if arch is not None:
         _check_model_fits(arch, tp, pp, ep, etp)

@@ -258,12 +258,15 @@ def _is_cuda(device) -> bool:
 
 
 class _CudaLiteralsToCpu(TorchFunctionMode):
-    """Rewrites ``device="cuda"`` arguments of torch calls to the CPU."""
+    """Rewrites ``device="cuda"`` arguments of torch calls to the CPU, and drops ``pin_memory=True`` (pinning
+    needs a CUDA driver)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         return func(*args, **kwargs)
 
 
@@ -272,8 +275,10 @@ def cuda_literals_on_cpu():
     """Within the block, tensors that upstream code creates with a literal ``device="cuda"`` land on the CPU.
 
     ``megatron/core/pipeline_parallel/schedules.py`` (``forward_backward_pipelining_without_interleaving``:
-    ``torch.zeros([], dtype=torch.int, device="cuda")`` for the token count) fails without a driver. A function
-    can't be swapped for a literal, so pipeline schedules run under this torch-function mode. No-op with CUDA.
+    ``torch.zeros([], dtype=torch.int, device="cuda")`` for the token count) fails without a driver, and so does
+    ``megatron/core/models/common/embeddings/rope_utils.py`` (``get_pos_emb_on_this_cp_rank``, under context
+    parallelism: ``torch.tensor(..., pin_memory=True)``). A function can't be swapped for a literal, so pipeline
+    schedules run under this torch-function mode. No-op with CUDA.
     """
     if not cuda_absent():
         yield

@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--vp", type=int, default=None, help="virtual pipeline stages per pipeline rank (needs --pp > 1)"
     )
+    parser.add_argument(
+        "--cp", type=int, default=1, help="context-parallel size: the sequence split over N ranks (default 1)"
+    )
     args = parser.parse_args(argv)
     if args.vp is not None and (args.pp < 2 or args.vp < 2):
         parser.error("--vp needs --pp >= 2 and a value >= 2")
@@ -98,7 +101,7 @@ def generate(args: argparse.Namespace) -> int:
         print("error: the prompt is empty", file=sys.stderr)
         return 2
 
-    layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp}
+    layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp, "cp": args.cp}
     try:
         model = _load_model(args, layout)
     except (CheckpointError, MiMoV2FlashConfigError) as error:

@@ -20,6 +20,7 @@ def configure_provider(
     etp: int | None = None,
     vp: int | None = None,
     parallel_output: bool = False,
+    cp: int = 1,
 ):
     """Apply dtype and parallel layout to a provider (``parallel_output=False``: full logits on every rank)."""
     provider.params_dtype = dtype
@@ -31,6 +32,7 @@ def configure_provider(
     provider.expert_model_parallel_size = ep
     provider.expert_tensor_parallel_size = etp if etp is not None else tp
     provider.virtual_pipeline_model_parallel_size = vp
+    provider.context_parallel_size = cp
     provider.sequence_parallel = False
     provider.parallel_output = parallel_output
     provider.use_cpu_initialization = cuda_absent()
@@ -84,11 +86,39 @@ def forward_logits(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor
     from megatron.core import parallel_state
 
     device = _device(model)
+    if parallel_state.get_context_parallel_world_size() > 1:
+        return _context_parallel_forward_logits(model, token_ids, device)
     ids = torch.tensor([token_ids], dtype=torch.long, device=device)
     positions = torch.arange(len(token_ids), device=device).unsqueeze(0)
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return model(ids, positions, None, runtime_gather_output=True)[0].float()
     return _pipeline_forward_logits(model, ids, positions)
+
+
+def _context_parallel_forward_logits(model, token_ids: list[int], device) -> torch.Tensor:
+    """One sequence under context parallelism: padded at the end to a multiple of ``2 * CP`` (causal attention
+    keeps the padding out of every real token), split as Megatron's training split does, the local logits
+    gathered and put back in order."""
+    from megatron.core import parallel_state
+
+    from megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.context_parallel import (
+        gather_sequence,
+        gathered_positions,
+        local_positions,
+    )
+
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise NotImplementedError("generation with both context and pipeline parallelism is not supported")
+    group = parallel_state.get_context_parallel_group()
+    size, rank = group.size(), group.rank()
+    padded = -(-len(token_ids) // (2 * size)) * 2 * size
+    mine = local_positions(padded // size, rank, size, device)
+    ids = torch.tensor(token_ids + [0] * (padded - len(token_ids)), dtype=torch.long, device=device)[mine]
+    with cuda_literals_on_cpu():  # Megatron's RoPE split pins a CPU tensor (no driver on a CPU host)
+        local = model(ids.unsqueeze(0), mine.unsqueeze(0), None, runtime_gather_output=True)[0].float()
+    logits = torch.empty(padded, local.size(-1), dtype=local.dtype, device=device)
+    logits[gathered_positions(padded // size, size, device)] = gather_sequence(local, group)
+    return logits[: len(token_ids)]
 
 
 def _pipeline_forward_logits(model, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,13 @@ def init_single_process_group(backend: str | None = None) -> None:
 
 
 def initialize_parallel_state(
-    tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None, vp: int | None = None, seed: int = 1234
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    vp: int | None = None,
+    seed: int = 1234,
+    cp: int = 1,
 ) -> None:
     """Initialize torch.distributed and Megatron's model-parallel groups (idempotent for the same layout).
 
@@ -52,8 +58,9 @@ def initialize_parallel_state(
             parallel_state.get_expert_model_parallel_world_size(),
             parallel_state.get_expert_tensor_parallel_world_size(),
             parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size(),
         )
-        if current == (tp, pp, ep, etp, vp):
+        if current == (tp, pp, ep, etp, vp, cp):
             # Re-creating the groups would leave the old ones' gloo threads running (destroy_model_parallel only
             # drops Megatron's references): ~60 threads per call in a process that converts several times.
             _seed(seed)
@@ -65,6 +72,7 @@ def initialize_parallel_state(
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
         virtual_pipeline_model_parallel_size=vp,
+        context_parallel_size=cp,
     )
     _seed(seed)
 

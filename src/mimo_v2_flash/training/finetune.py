@@ -61,6 +61,9 @@ def parse_args(
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size")
     parser.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default 1)")
+    parser.add_argument(
+        "--cp", type=int, default=1, help="context-parallel size: each sequence split over N ranks (default 1)"
+    )
     parser.add_argument("--peft", choices=["none", "lora"], default="none", help="full fine-tuning or LoRA")
     parser.add_argument("--lora-dim", type=int, default=16, help="LoRA rank")
     parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (update scaled by alpha/rank)")
@@ -110,6 +113,7 @@ def recipe_config(args, pretrained, dataset_root, data_format, tokenizer, output
         pp=args.pp,
         ep=args.ep,
         etp=args.etp,
+        cp=args.cp,
         mtp_loss_scale=args.mtp_loss_scale,
         save_interval=args.save_interval,
         router_bias_update_rate=args.router_bias_update_rate,

@@ -246,6 +246,8 @@ class MiMoV2FlashModelProvider(GPTModelProvider):
             etp=self.expert_tensor_parallel_size,
             cp=self.context_parallel_size,
             world_size=world,
+            seq_length=self.seq_length if self.context_parallel_size > 1 else None,
+            transformer_engine=bool(self.use_transformer_engine),
         )
         if self.num_moe_experts and self.moe_router_topk < 2:
             # Megatron-Core does not renormalize a single sigmoid score; MiMo's norm_topk_prob would give 1.0.

@@ -41,6 +41,8 @@ from megatron.bridge.training.model_load_save import load_model_config
 
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import GPU_MODEL_SETTINGS, LOCAL_BACKEND_SETTINGS
 from mimo_v2_flash.checkpoint.megatron_dirs import latest_iteration_dir
+from mimo_v2_flash.config import MiMoV2FlashConfigError
+from mimo_v2_flash.planning.parallel_layout import check_parallel_layout
 
 LORA_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 
@@ -73,6 +75,7 @@ def mimo_v2_flash_finetune_config(
     pp: int = 1,
     ep: int = 1,
     etp: int | None = None,
+    cp: int = 1,
     mtp_loss_scale: float = 0.1,
     save_interval: int | None = None,
     router_bias_update_rate: float = 0.0,
@@ -102,6 +105,7 @@ def mimo_v2_flash_finetune_config(
         pp: Pipeline-parallel size.
         ep: Expert-parallel size.
         etp: Expert tensor-parallel size (default 1, as upstream's large-MoE recipes: experts split by EP only).
+        cp: Context-parallel size (each sequence split over ``cp`` ranks; local attention backend only).
         mtp_loss_scale: Weight of the MTP loss (0 leaves the MTP layers untrained).
         save_interval: Checkpoint every N iterations (default: only at the end).
         router_bias_update_rate: Rate of the aux-loss-free expert-bias update (0: bias kept as loaded).
@@ -129,6 +133,8 @@ def mimo_v2_flash_finetune_config(
     model.pipeline_model_parallel_size = pp
     model.expert_model_parallel_size = ep
     model.expert_tensor_parallel_size = etp if etp is not None else 1
+    model.context_parallel_size = cp
+    model.calculate_per_token_loss = cp > 1
     model.virtual_pipeline_model_parallel_size = None
     # Megatron-Core requires sequence parallelism to train MoE layers with tensor parallelism
     model.sequence_parallel = tp > 1
@@ -141,6 +147,7 @@ def mimo_v2_flash_finetune_config(
         for name, value in LOCAL_BACKEND_SETTINGS.items():
             setattr(model, name, value)
     model.mtp_loss_scaling_factor = mtp_loss_scale
+    _check_context_parallel(model, cp, seq_length, backend, mtp_loss_scale)
     model.moe_router_dtype = "fp32"
     model.moe_router_bias_update_rate = router_bias_update_rate
     model.moe_aux_loss_coeff = moe_aux_loss_coeff
@@ -179,7 +186,8 @@ def mimo_v2_flash_finetune_config(
             use_distributed_optimizer=True,
             overlap_grad_reduce=True,
             overlap_param_gather=True,
-            average_in_collective=True,
+            # Under CP an SFT rank may hold only masked tokens: Bridge requires per-token loss sums, not averages.
+            average_in_collective=cp == 1,
         ),
         dataset=GPTSFTDatasetConfig(
             seq_length=seq_length,
@@ -230,3 +238,14 @@ def _gpu_model_settings(model) -> None:
     # Long sequences: recompute attention's and the experts' activation inputs instead of keeping them.
     model.recompute_granularity = "selective"
     model.recompute_modules = ["core_attn", "moe_act"]
+
+
+def _check_context_parallel(model, cp: int, seq_length: int, backend: str, mtp_loss_scale: float) -> None:
+    """Refuse, before any process group exists, a context-parallel run that cannot be exact."""
+    check_parallel_layout(None, cp=cp, seq_length=seq_length, transformer_engine=backend == "te")
+    if cp > 1 and model.mtp_num_layers and mtp_loss_scale:
+        raise MiMoV2FlashConfigError(
+            f"--cp {cp} with the MTP loss: Megatron-Core normalizes it per context-parallel rank (each rank's own "
+            "token ratio in the gradient, an average of per-rank averages in the log), which is not the one-process "
+            "loss; pass --mtp-loss-scale 0 (MTP layers kept, not trained) or --cp 1"
+        )

@@ -25,6 +25,11 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import divide, get_pg_rank
 from torch import Tensor
 
+from megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.context_parallel import (
+    gather_sequence,
+    gathered_positions,
+    local_positions,
+)
 from mimo_v2_flash.config import SLIDING_ATTENTION
 
 SWA_ROPE_INDEX, FULL_ROPE_INDEX = 0, 1
@@ -159,6 +164,7 @@ class MiMoV2FlashCoreAttention(MegatronModule):
         super().__init__(config=config)
         self.attention_kind = layer_attention_kind(config, layer_number, attention_kind)
         self.tp_group = pg_collection.tp
+        self.cp_group = getattr(pg_collection, "cp", None)
         world_size = self.tp_group.size()
         self.num_heads_per_partition = divide(config.num_attention_heads, world_size)
         self.softmax_scale = softmax_scale if softmax_scale is not None else config.kv_channels**-0.5
@@ -182,12 +188,21 @@ class MiMoV2FlashCoreAttention(MegatronModule):
             raise NotImplementedError("packed sequences / attention bias are not supported by the local backend")
         sq, batch, num_heads, _ = query.shape
         sk = key.size(0)
+        query_pos = torch.arange(sk - sq, sk, device=query.device)
+        key_pos = torch.arange(sk, device=query.device)
+        cp = self.cp_group.size() if self.cp_group is not None else 1
+        if cp > 1:
+            if attention_mask is not None:
+                raise NotImplementedError("an explicit attention mask is not supported under context parallelism")
+            query_pos = local_positions(sq, self.cp_group.rank(), cp, query.device)
+            key_pos = gathered_positions(sk, cp, query.device)
+            key, value = gather_sequence(key, self.cp_group), gather_sequence(value, self.cp_group)
         repeat = num_heads // key.size(2)
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, dk]
         k = key.permute(1, 2, 0, 3).repeat_interleave(repeat, dim=1)
         v = value.permute(1, 2, 0, 3).repeat_interleave(repeat, dim=1)
         scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale
-        scores = scores.masked_fill(self._mask(sq, sk, scores.device, attention_mask), float("-inf"))
+        scores = scores.masked_fill(self._mask(query_pos, key_pos, attention_mask), float("-inf"))
         if self.softmax_offset is not None:
             sink = self.softmax_offset.float().view(1, -1, 1, 1).expand(batch, -1, sq, 1)
             scores = torch.cat([scores, sink], dim=-1)
@@ -198,10 +213,10 @@ class MiMoV2FlashCoreAttention(MegatronModule):
         context = torch.matmul(probs, v)  # [b, np, sq, dv]
         return context.permute(2, 0, 1, 3).reshape(sq, batch, -1)
 
-    def _mask(self, sq: int, sk: int, device, attention_mask: Tensor | None) -> Tensor:
-        """True where attention is forbidden: the future, beyond the window, or masked by the caller."""
-        query_pos = torch.arange(sk - sq, sk, device=device).unsqueeze(1)
-        key_pos = torch.arange(sk, device=device).unsqueeze(0)
+    def _mask(self, query_pos: Tensor, key_pos: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """True where attention is forbidden: the future, beyond the window, or masked by the caller (by the
+        tokens' global positions, so the same under context parallelism)."""
+        query_pos, key_pos = query_pos.unsqueeze(1), key_pos.unsqueeze(0)
         forbidden = key_pos > query_pos
         if self.window is not None:
             forbidden = forbidden | (key_pos < query_pos - self.window)
