@@ -122,6 +122,19 @@ def test_checkpoints_reshard_both_ways_and_export_identically(hf_dir, baseline, 
     assert all(torch.equal(exports[0][k], exports[1][k]) for k in exports[0])
 
 
+def test_context_parallel_import_writes_the_same_checkpoint(hf_dir, tmp_path):
+    """Checkpoints are CP-agnostic: an import run by 2 context-parallel processes exports what one process's does."""
+    _run(2, "convert_checkpoints.py", "import", "--hf-model", hf_dir, "--megatron-path", tmp_path / "cp2", "--cp", "2")
+    _run(1, "convert_checkpoints.py", "import", "--hf-model", hf_dir, "--megatron-path", tmp_path / "one")
+    exports = []
+    for name in ("cp2", "one"):
+        _run(1, "convert_checkpoints.py", "export", "--hf-model", hf_dir, "--megatron-path", tmp_path / name,
+             "--hf-path", tmp_path / f"exp_{name}")  # fmt: skip
+        exports.append(hf_state_dict(tmp_path / f"exp_{name}"))
+    assert sorted(exports[0]) == sorted(exports[1])
+    assert all(torch.equal(exports[0][k], exports[1][k]) for k in exports[0])
+
+
 @pytest.mark.parametrize(
     "layout, message",
     [

@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     imp.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
     imp.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
     imp.add_argument(
+        "--cp",
+        type=int,
+        default=1,
+        help="context-parallel size of the processes (default 1); the checkpoint does not depend on it",
+    )
+    imp.add_argument(
         "--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="stored dtype (default bfloat16)"
     )
     imp.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -137,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         from mimo_v2_flash.runtime.process_groups import initialize_parallel_state
 
         if args.command == "import":
-            layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp}
+            layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp, "cp": args.cp}
             summary = import_checkpoint(
                 args.hf_model,
                 args.megatron_path,

@@ -52,7 +52,8 @@ def import_checkpoint(
 
     The checkpoint, the FP8 scale layout of every weight (``fp8_kv_layout``: ``auto`` or the layout every K/V
     pair must have) and the parallel layout are validated before the process groups are set up or anything is
-    built; ``layout`` holds ``tp``, ``pp``, ``ep``, ``etp`` (torchrun supplies the processes).
+    built; ``layout`` holds ``tp``, ``pp``, ``ep``, ``etp`` and ``cp`` (torchrun supplies the processes; the
+    checkpoint written does not depend on ``cp``: context-parallel ranks hold the same weights).
     """
     import os
 

@@ -193,6 +193,7 @@ def iter_hf_weights(path: str | Path, mapping_registry, lora=None, adapter_sink=
         "pipeline_model_parallel_size": 1,
         "expert_model_parallel_size": 1,
         "expert_tensor_parallel_size": 1,
+        "context_parallel_size": 1,
         **backend_settings("local"),
     }.items():
         setattr(provider, name, value)
