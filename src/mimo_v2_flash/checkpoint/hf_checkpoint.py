@@ -86,11 +86,15 @@ def read_index_metadata(directory: str | Path) -> dict:
     if not index.is_file():
         return {}
     try:
-        metadata = json.loads(index.read_text()).get("metadata") or {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        return _index_metadata(json.loads(index.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as error:
         raise CheckpointError(f"{index}: not a valid safetensors index ({error.__class__.__name__})") from None
+
+
+def _index_metadata(parsed: dict) -> dict:
+    metadata = parsed.get("metadata") or {}
     if not isinstance(metadata, dict):
-        raise CheckpointError(f"{index}: index metadata is not a mapping")
+        raise TypeError("index metadata is not a mapping")
     return metadata
 
 
@@ -124,9 +128,7 @@ class HFCheckpoint:
             try:
                 parsed = json.loads(index.read_text())
                 weight_map = parsed["weight_map"]
-                metadata = parsed.get("metadata") or {}
-                if not isinstance(metadata, dict):
-                    raise TypeError("metadata")
+                metadata = _index_metadata(parsed)
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({error.__class__.__name__})") from None
             self.index_metadata = metadata
