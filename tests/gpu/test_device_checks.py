@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +21,11 @@ def test_without_cuda_it_says_it_did_not_run_and_exits_3():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with TransformerEngine")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_device_checks_pass(tmp_path):
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=900
     )
-    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    # Without TransformerEngine the TE checks are skipped (exit 4); every other check must still pass.
+    expected = 0 if importlib.util.find_spec("transformer_engine") else 4
+    assert done.returncode == expected, done.stdout + done.stderr[-4000:]
