@@ -3,15 +3,16 @@
 Counts come from the architecture (every tensor of the hub layout, MTP included) and Megatron's sharding:
 attention, dense MLPs, embeddings and the output layer are split by TP (KV-head replication gathers at run time,
 so the stored fused QKV is still split by TP); experts by EP x ETP; the router is replicated; layers are split by
-PP with the embedding on the first stage and the output layer and MTP on the last. Activations are estimated
-separately (:func:`activation_bytes`).
+PP with the embedding on the first stage and the output layer and MTP on the last. Context parallelism replicates
+the parameters (the distributed optimizer shards their state over DP x CP). Activations are estimated separately
+(:func:`activation_memory`), with context parallelism.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mimo_v2_flash.config import SLIDING_ATTENTION, MiMoV2FlashArchitecture
+from mimo_v2_flash.config import FULL_ATTENTION, SLIDING_ATTENTION, MiMoV2FlashArchitecture
 
 GIB = 1024**3
 # Mixed-precision Adam, bytes per trainable parameter: bf16 weight 2 + fp32 grad 4 + fp32 master 4 + m 4 + v 4.
@@ -37,7 +38,8 @@ class RankMemory:
         """(bf16 weights, fp32 gradients, optimizer state: fp32 master + Adam moments) in bytes.
 
         The distributed optimizer shards the optimizer state of non-expert parameters over data parallel and that
-        of experts over expert data parallel (``expert_dp``, default ``dp``).
+        of experts over expert data parallel (``expert_dp``, default ``dp``). Under context parallelism Megatron
+        shards it over DP x CP: pass that product as ``dp``.
         """
         params = self.dense_params + self.expert_params
         if not distributed_optimizer:
@@ -46,7 +48,11 @@ class RankMemory:
         return params * 2, params * 4, 12 * (self.dense_params / max(dp, 1) + self.expert_params / max(expert_dp, 1))
 
     def lora_bytes(self) -> float:
-        return (self.dense_params + self.expert_params) * FROZEN_BYTES + self.lora_params * FULL_FT_BYTES
+        return sum(self.lora_parts())
+
+    def lora_parts(self) -> tuple[float, float]:
+        """(frozen bf16 base weights, adapters with their gradients and optimizer state) in bytes."""
+        return (self.dense_params + self.expert_params) * FROZEN_BYTES, self.lora_params * FULL_FT_BYTES
 
 
 def _attention_params(arch: MiMoV2FlashArchitecture, sliding: bool, lora_rank: int) -> tuple[int, int]:
@@ -100,19 +106,62 @@ def plan_rank_memory(
     return max(totals, key=lambda m: m.full_finetune_bytes(1, False))
 
 
-def activation_bytes(
-    arch: MiMoV2FlashArchitecture, tp: int, pp: int, seq_length: int, mtp_layers: int, micro_batch: int = 1
-) -> float:
+@dataclass(frozen=True)
+class ActivationMemory:
+    """Activation memory of the busiest rank, in bytes.
+
+    Attributes:
+        stored: What stays from forward to backward; it scales with the tokens each rank holds,
+            ``seq_length * micro_batch / (tp * cp)``.
+        gathered_kv: Under context parallelism, one layer's K/V for the whole sequence, gathered from every CP
+            rank, and their gradients before they are summed back (0 without CP).
+    """
+
+    stored: float
+    gathered_kv: float
+
+    @property
+    def total(self) -> float:
+        """Stored activations plus the gathered K/V."""
+        return self.stored + self.gathered_kv
+
+
+def activation_memory(
+    arch: MiMoV2FlashArchitecture,
+    tp: int,
+    pp: int,
+    seq_length: int,
+    mtp_layers: int,
+    micro_batch: int = 1,
+    cp: int = 1,
+) -> ActivationMemory:
     """Estimated activation memory of the busiest rank (the first pipeline stage) for bf16 training.
 
     Per transformer layer ``34 * s * b * h / t`` bytes: sequence parallelism with selective recompute of core
-    attention (Korthikanti et al., 2022, no ``s^2`` term; the fused attention keeps no score matrix). An MoE
+    attention (Korthikanti et al., 2022, no ``s^2`` term; a fused attention kernel keeps no score matrix). An MoE
     layer adds its dispatched tokens, ``k`` copies of this rank's ``s * b / t`` tokens, each keeping ``2h``
     (dispatched input, combined output) and ``2f`` (gate and up outputs; their product is recomputed) bf16
     values. The first stage of a 1F1B pipeline holds ``pp`` micro-batches in flight; the last adds the fp32 logits
     ``s * b * V / t`` (and one set per MTP layer).
+
+    Context parallelism splits every sequence over ``cp`` ranks, so each rank holds ``s / cp`` tokens and all of
+    the above falls by ``cp``. Attention needs every earlier token's K/V, though: MiMo's CP (all-gather style)
+    gathers the whole sequence's K/V on every rank, on full and sliding-window layers alike (see
+    :func:`gathered_kv_bytes`); core attention is recomputed, so one layer's worth is alive at a time.
+
+    Args:
+        arch: The model.
+        tp: Tensor-parallel size (sequence parallelism splits the stored tokens over TP too).
+        pp: Pipeline-parallel size.
+        seq_length: Tokens per sequence.
+        mtp_layers: MTP layers (on the last stage).
+        micro_batch: Sequences per micro-batch.
+        cp: Context-parallel size.
+
+    Returns:
+        The stored activations and the gathered K/V, in bytes.
     """
-    tokens = seq_length * micro_batch / tp
+    tokens = seq_length * micro_batch / (tp * cp)
     h = arch.hidden_size
     per_stage = arch.num_layers // pp
     layers = sum(
@@ -121,7 +170,51 @@ def activation_bytes(
     )
     first_stage = layers * pp
     last_stage = layers + (34 * tokens * h) * mtp_layers + 4 * tokens * arch.vocab_size * (1 + mtp_layers)
-    return max(first_stage, last_stage) if pp > 1 else last_stage
+    stored = max(first_stage, last_stage) if pp > 1 else last_stage
+    gathered = gathered_kv_bytes(arch, tp, seq_length, micro_batch) if cp > 1 else 0.0
+    return ActivationMemory(stored, gathered)
+
+
+def activation_bytes(
+    arch: MiMoV2FlashArchitecture,
+    tp: int,
+    pp: int,
+    seq_length: int,
+    mtp_layers: int,
+    micro_batch: int = 1,
+    cp: int = 1,
+) -> float:
+    """Total of :func:`activation_memory` in bytes (stored activations plus, under CP, the gathered K/V)."""
+    return activation_memory(arch, tp, pp, seq_length, mtp_layers, micro_batch, cp).total
+
+
+def kv_heads_per_rank(arch: MiMoV2FlashArchitecture, tp: int) -> dict[str, int]:
+    """KV heads each TP rank keeps, per layer kind (one when TP exceeds the heads: they are replicated)."""
+    kinds = {SLIDING_ATTENTION: arch.swa_num_kv_heads, FULL_ATTENTION: arch.full_num_kv_heads}
+    return {kind: max(heads // tp, 1) for kind, heads in kinds.items() if kind in arch.layer_types}
+
+
+def gathered_kv_bytes(arch: MiMoV2FlashArchitecture, tp: int, seq_length: int, micro_batch: int = 1) -> float:
+    """One layer's whole-sequence K/V on a context-parallel rank, and their gradients, in bytes.
+
+    ``2 * s * b * g * (d_k + d_v) * 2``: bf16 K and V of all ``s`` tokens for this rank's ``g`` KV heads
+    (:func:`kv_heads_per_rank`), kept while the layer's attention runs, and their gradients of the same size
+    before the reduce-scatter sums them back. The layer kind with the most KV heads per rank sets it. This is what
+    an all-gather CP holds whatever ``cp`` is; a ring or all-to-all CP would hold less.
+    """
+    heads = max(kv_heads_per_rank(arch, tp).values())
+    return 2 * seq_length * micro_batch * heads * (arch.head_dim + arch.v_head_dim) * 2
+
+
+def unfused_score_bytes(
+    arch: MiMoV2FlashArchitecture, tp: int, cp: int, seq_length: int, micro_batch: int = 1
+) -> float:
+    """One layer's fp32 attention scores, ``(s / cp) * s * b * heads / tp * 4`` bytes, in bytes.
+
+    Not part of :func:`activation_memory` (a fused kernel never holds them); the local backend's unfused
+    attention does, with a few more score-sized tensors (mask, softmax), so this is a lower bound of its extra peak.
+    """
+    return seq_length / cp * seq_length * micro_batch * arch.num_attention_heads / tp * 4
 
 
 def total_parameters(arch: MiMoV2FlashArchitecture, mtp_layers: int) -> tuple[float, float]:

@@ -80,3 +80,54 @@ def test_activations_grow_with_the_tokens_each_rank_holds():
     assert activation_bytes(arch, tp=4, pp=1, seq_length=4096, mtp_layers=3) == 2 * at_4k
     # 48 layers of 34 s h / t bytes at least (the dense share of Korthikanti et al.'s estimate)
     assert at_4k > 48 * 34 * 4096 / 8 * 4096
+
+
+def _stored_activation_bytes(seq: int, tp: int, cp: int) -> float:
+    """The documented estimate, written out for the released model at PP 1 (48 layers, the first one dense;
+    h 4096, vocab 152576, top-8 of experts 2048 wide, 3 MTP layers): per layer 34 t h, MoE layers 2 k t (2h + 2f),
+    the MTP layers 34 t h each, fp32 logits 4 t V for the LM head and each MTP layer; t = seq / (tp * cp)."""
+    tokens = seq / (tp * cp)
+    h, vocab, topk, ffn, mtp = 4096, 152576, 8, 2048, 3
+    layers = 48 * 34 * tokens * h + 47 * 2 * topk * tokens * (2 * h + 2 * ffn)
+    return layers + mtp * 34 * tokens * h + 4 * tokens * vocab * (1 + mtp)
+
+
+def test_context_parallelism_divides_the_stored_activations_and_adds_the_whole_sequence_kv():
+    from mimo_v2_flash.planning.parallel_plan import activation_bytes, activation_memory
+
+    arch = parse_architecture(released_config())
+    seq = 131072
+    one = activation_memory(arch, tp=8, pp=1, seq_length=seq, mtp_layers=3)
+    assert one.gathered_kv == 0 and one.stored == _stored_activation_bytes(seq, 8, 1)
+    for cp in (2, 4, 8):
+        split = activation_memory(arch, tp=8, pp=1, seq_length=seq, mtp_layers=3, cp=cp)
+        assert split.stored == _stored_activation_bytes(seq, 8, cp) == one.stored / cp
+        # TP 8 keeps one KV head per rank on both layer kinds (4 full-attention KV heads are replicated, 8 SWA
+        # split); K (192) and V (128) of all 131072 tokens in bf16, and their gradients: the same for every CP.
+        assert split.gathered_kv == 2 * seq * 1 * (192 + 128) * 2
+        assert activation_bytes(arch, tp=8, pp=1, seq_length=seq, mtp_layers=3, cp=cp) == split.total
+
+
+def test_gathered_kv_counts_the_kv_heads_each_tensor_parallel_rank_keeps():
+    from mimo_v2_flash.planning.parallel_plan import gathered_kv_bytes, kv_heads_per_rank
+
+    arch = parse_architecture(released_config())  # 4 full-attention KV heads, 8 sliding-window KV heads
+    assert kv_heads_per_rank(arch, 1) == {"full_attention": 4, "sliding_attention": 8}
+    assert kv_heads_per_rank(arch, 2) == {"full_attention": 2, "sliding_attention": 4}
+    assert kv_heads_per_rank(arch, 8) == {"full_attention": 1, "sliding_attention": 1}
+    assert gathered_kv_bytes(arch, tp=2, seq_length=1024) == 2 * 1024 * 4 * 320 * 2
+
+
+def test_unfused_scores_are_a_query_block_by_the_whole_sequence_per_head():
+    from mimo_v2_flash.planning.parallel_plan import unfused_score_bytes
+
+    arch = parse_architecture(released_config())  # 64 attention heads
+    assert unfused_score_bytes(arch, tp=8, cp=8, seq_length=131072) == 16384 * 131072 * 8 * 4
+
+
+def test_lora_parts_are_the_frozen_base_and_the_adapters_state():
+    from mimo_v2_flash.planning.parallel_plan import RankMemory
+
+    mem = RankMemory(dense_params=10, expert_params=100, lora_params=3)
+    assert mem.lora_parts() == (220, 54)
+    assert mem.lora_bytes() == 274
