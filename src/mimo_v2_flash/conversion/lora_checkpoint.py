@@ -116,14 +116,19 @@ class LoraAdapters:
         return (a[expert], b[expert]) if expert is not None else (a, b)
 
     def merged(self, param_name: str, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``base + alpha / dim * B @ A`` computed in fp32, in the base's dtype."""
+        """``base + alpha / dim * B @ A`` in fp32.
+
+        Left in fp32 so the export rounds it once, to the dtype it writes: the sum of a bf16 base and its adapter is
+        not a bf16 number, and casting it back to the base's dtype made a ``--dtype float32`` export of a bf16 run
+        (every GPU run) lose the merge's low bits (logits off by 1e-2 on the tiny model on an H200).
+        """
         if (b.shape[0], a.shape[1]) != tuple(base.shape):
             raise CheckpointError(
                 f"{self.run.adapter_dir}: adapter of {param_name} is {tuple(b.shape)} x {tuple(a.shape)}, "
                 f"the base weight is {tuple(base.shape)}"
             )
         delta = self.run.scale * (b.to(torch.float32) @ a.to(torch.float32))
-        return (base.to(torch.float32) + delta).to(base.dtype)
+        return base.to(torch.float32) + delta
 
 
 def peft_tensor_names(hf_weight_name: str) -> tuple[str, str]:
@@ -163,6 +168,12 @@ def apply_lora_adapters(chunks: list[torch.nn.Module], run: LoraRun) -> list[tor
     with cpu_runtime(peft=True):
         chunks = lora(chunks, training=False)
     for chunk in chunks:
+        # LoRA builds the adapters in the base config's params_dtype (bf16 for a GPU-trained base), which would
+        # round fp32-trained adapters as they load; they take the dtype the model runs in instead.
+        dtype = next(p.dtype for name, p in chunk.named_parameters() if ".adapter." not in name)
+        for name, param in chunk.named_parameters():
+            if ".adapter." in name:
+                param.data = param.data.to(dtype)
         sharded = {
             name: item
             for name, item in chunk.sharded_state_dict().items()

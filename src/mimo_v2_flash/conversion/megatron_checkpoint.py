@@ -84,11 +84,13 @@ def load_megatron_checkpoint(
         skip_temp_dist_context=dist.is_initialized(),
         mp_overrides=overrides,
     )
-    chunks = models if isinstance(models, list) else [models]
+    chunks = [
+        chunk.to(dtype) if dtype is not None else chunk for chunk in (models if isinstance(models, list) else [models])
+    ]
     if lora_run is not None:
+        # After the cast: the adapters are loaded in the model's dtype, not rounded to the base checkpoint's first.
         chunks = apply_lora_adapters(chunks, lora_run)
-    for index, chunk in enumerate(chunks):
-        chunks[index] = (chunk.to(dtype) if dtype is not None else chunk).eval()
+    chunks = [chunk.eval() for chunk in chunks]
     return chunks[0] if len(chunks) == 1 else chunks
 
 
