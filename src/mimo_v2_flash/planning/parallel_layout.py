@@ -7,7 +7,39 @@ TP to be a multiple of that count.
 
 from __future__ import annotations
 
-from mimo_v2_flash.config import MiMoV2FlashArchitecture, MiMoV2FlashConfigError
+import importlib.metadata
+import importlib.util
+import re
+
+from mimo_v2_flash.config import FULL_ATTENTION, MiMoV2FlashArchitecture, MiMoV2FlashConfigError
+
+TE_CONTEXT_PARALLEL_MIN_VERSION = (2, 16)
+"""TE 2.16 (TE #2719) runs ``a2a`` / ``all_gather`` context parallelism with a Q/K head dim different from V's;
+before it such a layer could only use ``p2p``, which runs neither windows nor learnable sinks."""
+
+
+def te_context_parallel_comm_type(window: bool, sink: bool) -> str:
+    """TransformerEngine's ``cp_comm_type`` for a MiMo layer kind.
+
+    TE runs a learnable sink only with ``a2a`` (heads split over the CP ranks, the sink with them) and a sliding
+    window only with ``a2a`` or ``all_gather``; a causal layer with neither takes ``p2p``, which keeps every head on
+    every rank and so fits any head count (full-attention layers: 4 KV heads, one per rank at TP 4).
+    """
+    return "a2a" if window or sink else "p2p"
+
+
+def transformer_engine_version() -> tuple[int, int] | None:
+    """(major, minor) of the installed TransformerEngine, read from package metadata (TE is not imported)."""
+    if importlib.util.find_spec("transformer_engine") is None:
+        return None
+    for distribution in ("transformer_engine", "transformer-engine-cu13", "transformer-engine-cu12"):
+        try:
+            found = re.match(r"(\d+)\.(\d+)", importlib.metadata.version(distribution))
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if found:
+            return int(found.group(1)), int(found.group(2))
+    return None
 
 
 def _kv_heads_fit(kind: str, kv_heads: int, tp: int) -> None:
@@ -34,8 +66,9 @@ def check_parallel_layout(
     """Raise with an actionable message if the layout cannot run this model (``arch=None``: sizes only).
 
     Context parallelism (``cp``) splits each sequence into ``2 * cp`` chunks (Megatron's load-balanced split), so
-    ``seq_length`` must divide by ``2 * cp``; it runs on the local attention backend (``transformer_engine``:
-    the TE backend is asked for, where MiMo's CP is not implemented yet).
+    ``seq_length`` must divide by ``2 * cp``. With TransformerEngine (``transformer_engine``) it also needs TE >=
+    2.16 and, on every layer kind that runs ``a2a`` (:func:`te_context_parallel_comm_type`), each rank's query and
+    KV head counts divisible by ``cp``.
     """
     etp = tp if etp is None else etp
     for name, value in (("--tp", tp), ("--pp", pp), ("--ep", ep), ("--etp", etp), ("--cp", cp)):
@@ -47,14 +80,50 @@ def check_parallel_layout(
             "two of the 2 x cp chunks)"
         )
     if cp > 1 and transformer_engine:
-        raise MiMoV2FlashConfigError(
-            f"--cp {cp} runs on the local attention backend only (--backend local): MiMo context parallelism on "
-            "TransformerEngine (a2a for the sliding-window layers' sinks, TE >= 2.16) is not implemented yet"
-        )
+        _check_te_context_parallel(arch, tp, cp)
     if arch is not None:
         _check_model_fits(arch, tp, pp, ep, etp)
     if world_size is not None:
         _check_world_size(world_size, tp, pp, ep, etp, cp)
+
+
+def _check_te_context_parallel(arch, tp: int, cp: int) -> None:
+    version = transformer_engine_version()
+    if version is None:
+        raise MiMoV2FlashConfigError(
+            f"--cp {cp} on the TransformerEngine backend: TransformerEngine is not installed (use --backend local)"
+        )
+    head_dims_differ = arch is None or arch.head_dim != arch.v_head_dim
+    if head_dims_differ and version < TE_CONTEXT_PARALLEL_MIN_VERSION:
+        minimum = ".".join(map(str, TE_CONTEXT_PARALLEL_MIN_VERSION))
+        raise MiMoV2FlashConfigError(
+            f"--cp {cp} on TransformerEngine {version[0]}.{version[1]}: MiMo's sliding-window layers (window and "
+            f"learnable sink) need cp_comm_type a2a, which TE runs with a Q/K head dim different from V's only from "
+            f"TE {minimum} (TE #2719); upgrade TransformerEngine or use --backend local"
+        )
+    if arch is None:
+        return
+    for kind, kv_heads, window, sink in _layer_kinds(arch):
+        if te_context_parallel_comm_type(window, sink) != "a2a":
+            continue
+        heads = (("query", arch.num_attention_heads), ("KV", kv_heads))
+        for what, total in heads:
+            per_rank = max(total // tp, 1)  # KV heads are replicated when TP exceeds them
+            if per_rank % cp:
+                needs = "window and sink" if window and sink else "window" if window else "sink"
+                raise MiMoV2FlashConfigError(
+                    f"--cp {cp} on TransformerEngine: {kind} layers run cp_comm_type a2a (their {needs} need it), "
+                    f"which splits each rank's heads over the CP ranks, but a rank holds {per_rank} {what} head(s) "
+                    f"({total} / --tp {tp}); --cp must divide that (lower --tp or --cp, or use --backend local)"
+                )
+
+
+def _layer_kinds(arch) -> list[tuple[str, int, bool, bool]]:
+    """(name, KV heads, window, sink) of each attention kind the model has; MTP layers are sliding-window."""
+    kinds = [("sliding-window", arch.swa_num_kv_heads, arch.sliding_window_size > 0, arch.swa_attention_sink)]
+    if FULL_ATTENTION in arch.layer_types:
+        kinds.insert(0, ("full-attention", arch.full_num_kv_heads, False, arch.full_attention_sink))
+    return kinds
 
 
 def _check_model_fits(arch, tp: int, pp: int, ep: int, etp: int) -> None:

@@ -16,7 +16,10 @@ from megatron.bridge.models.gpt_provider import GPTModelProvider
 from megatron.core.models.gpt import GPTModel as MCoreGPTModel
 from megatron.core.transformer import ModuleSpec
 
-from megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.attention import MiMoV2FlashRotaryEmbedding
+from megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.attention import (
+    MiMoV2FlashRotaryEmbedding,
+    te_cp_comm_type,
+)
 from megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.layer_specs import (
     mimo_v2_flash_block_spec,
     mimo_v2_flash_mtp_block_spec,
@@ -267,6 +270,12 @@ class MiMoV2FlashModelProvider(GPTModelProvider):
             moe_layers=moe,
             num_experts=self.num_moe_experts or 0,
             moe_ffn_hidden_size=self.moe_ffn_hidden_size or 0,
+            head_dim=self.kv_channels,
+            v_head_dim=self.v_head_dim,
+            layer_types=tuple(self.attention_layer_types),
+            sliding_window_size=self.sliding_window_size,
+            full_attention_sink=self.full_attention_sink,
+            swa_attention_sink=self.swa_attention_sink,
         )
 
     def provide(self, pre_process=None, post_process=None, vp_stage=None) -> MCoreGPTModel:
@@ -277,6 +286,9 @@ class MiMoV2FlashModelProvider(GPTModelProvider):
         """
         self.resolve_backend()
         self.validate_mimo_layout()
+        if self.use_transformer_engine and self.context_parallel_size > 1:
+            # Megatron-Core's per-layer list: a2a where TE needs it (window, sink), p2p elsewhere.
+            self.cp_comm_type = [te_cp_comm_type(self, kind) for kind in self.attention_layer_types]
         with _mimo_mtp_block_spec():
             model = super().provide(pre_process, post_process, vp_stage)
         model.__class__ = MiMoV2FlashGPTModel  # adds no state: only the checkpoint's key set changes

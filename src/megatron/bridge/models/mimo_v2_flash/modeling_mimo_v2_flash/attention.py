@@ -31,6 +31,7 @@ from megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.context_paralle
     local_positions,
 )
 from mimo_v2_flash.config import SLIDING_ATTENTION
+from mimo_v2_flash.planning.parallel_layout import te_context_parallel_comm_type
 
 SWA_ROPE_INDEX, FULL_ROPE_INDEX = 0, 1
 
@@ -52,6 +53,13 @@ def layer_config(config, kind: str):
 def has_attention_sink(config, kind: str) -> bool:
     """Whether layers of ``kind`` carry the learnable sink logit."""
     return config.swa_attention_sink if kind == SLIDING_ATTENTION else config.full_attention_sink
+
+
+def te_cp_comm_type(config, kind: str) -> str:
+    """TransformerEngine's context-parallel communication for layers of ``kind`` (see
+    :func:`~mimo_v2_flash.planning.parallel_layout.te_context_parallel_comm_type`)."""
+    window = kind == SLIDING_ATTENTION and config.sliding_window_size > 0
+    return te_context_parallel_comm_type(window, has_attention_sink(config, kind))
 
 
 class MiMoV2FlashRotaryEmbedding(RotaryEmbedding):

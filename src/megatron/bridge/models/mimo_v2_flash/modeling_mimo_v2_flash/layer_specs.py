@@ -28,6 +28,7 @@ from megatron.bridge.models.mimo_v2_flash.modeling_mimo_v2_flash.attention impor
     has_attention_sink,
     layer_attention_kind,
     mark_heads_sharded,
+    te_cp_comm_type,
 )
 from mimo_v2_flash.config import SLIDING_ATTENTION
 
@@ -78,6 +79,10 @@ def te_core_attention_class():
             config.softmax_type = "learnable" if has_attention_sink(config, kind) else "vanilla"
             kwargs.setdefault("k_channels", config.kv_channels)
             kwargs.setdefault("v_channels", config.v_head_dim)
+            if config.context_parallel_size > 1:
+                # By the layer's own kind: Megatron-Core indexes the per-layer list with an MTP layer's own number
+                # (1, 2, ...), which names a decoder layer, not this sliding-window layer.
+                kwargs["cp_comm_type"] = te_cp_comm_type(config, kind)
             super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
             sink = getattr(self, "softmax_offset", None)
             if isinstance(sink, torch.nn.Parameter):
