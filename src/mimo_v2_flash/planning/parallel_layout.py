@@ -62,13 +62,15 @@ def check_parallel_layout(
     world_size: int | None = None,
     seq_length: int | None = None,
     transformer_engine: bool = False,
+    te_version: tuple[int, int] | None = None,
 ) -> None:
     """Raise with an actionable message if the layout cannot run this model (``arch=None``: sizes only).
 
     Context parallelism (``cp``) splits each sequence into ``2 * cp`` chunks (Megatron's load-balanced split), so
     ``seq_length`` must divide by ``2 * cp``. With TransformerEngine (``transformer_engine``) it also needs TE >=
     2.16 and, on every layer kind that runs ``a2a`` (:func:`te_context_parallel_comm_type`), each rank's query and
-    KV head counts divisible by ``cp``.
+    KV head counts divisible by ``cp``. ``te_version``: the TE to check against (a plan for GPUs elsewhere);
+    by default the one installed here.
     """
     etp = tp if etp is None else etp
     for name, value in (("--tp", tp), ("--pp", pp), ("--ep", ep), ("--etp", etp), ("--cp", cp)):
@@ -80,15 +82,14 @@ def check_parallel_layout(
             "two of the 2 x cp chunks)"
         )
     if cp > 1 and transformer_engine:
-        _check_te_context_parallel(arch, tp, cp)
+        _check_te_context_parallel(arch, tp, cp, te_version or transformer_engine_version())
     if arch is not None:
         _check_model_fits(arch, tp, pp, ep, etp)
     if world_size is not None:
         _check_world_size(world_size, tp, pp, ep, etp, cp)
 
 
-def _check_te_context_parallel(arch, tp: int, cp: int) -> None:
-    version = transformer_engine_version()
+def _check_te_context_parallel(arch, tp: int, cp: int, version: tuple[int, int] | None) -> None:
     if version is None:
         raise MiMoV2FlashConfigError(
             f"--cp {cp} on the TransformerEngine backend: TransformerEngine is not installed (use --backend local)"
