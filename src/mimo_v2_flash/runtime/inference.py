@@ -107,22 +107,30 @@ def _context_parallel_forward_logits(model, token_ids: list[int], device) -> tor
         local_positions,
     )
 
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        raise NotImplementedError("generation with both context and pipeline parallelism is not supported")
     group = parallel_state.get_context_parallel_group()
     size, rank = group.size(), group.rank()
     padded = -(-len(token_ids) // (2 * size)) * 2 * size
     mine = local_positions(padded // size, rank, size, device)
     ids = torch.tensor(token_ids + [0] * (padded - len(token_ids)), dtype=torch.long, device=device)[mine]
-    with cuda_literals_on_cpu():  # Megatron's RoPE split pins a CPU tensor (no driver on a CPU host)
-        local = model(ids.unsqueeze(0), mine.unsqueeze(0), None, runtime_gather_output=True)[0].float()
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        # Each CP rank runs its share through the stages; the schedule sizes their messages as full length / CP.
+        local = _pipeline_forward_logits(model, ids.unsqueeze(0), mine.unsqueeze(0), seq_length=padded)
+    else:
+        with cuda_literals_on_cpu():  # Megatron's RoPE split pins a CPU tensor (no driver on a CPU host)
+            local = model(ids.unsqueeze(0), mine.unsqueeze(0), None, runtime_gather_output=True)[0].float()
     logits = torch.empty(padded, local.size(-1), dtype=local.dtype, device=device)
     logits[gathered_positions(padded // size, size, device)] = gather_sequence(local, group)
     return logits[: len(token_ids)]
 
 
-def _pipeline_forward_logits(model, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Forward through Megatron's pipeline schedule; the last stage's logits are broadcast to all stages."""
+def _pipeline_forward_logits(
+    model, ids: torch.Tensor, positions: torch.Tensor, seq_length: int | None = None
+) -> torch.Tensor:
+    """Forward through Megatron's pipeline schedule; the last stage's logits are broadcast to all stages.
+
+    ``seq_length`` is the whole sequence's length (default: ``ids``'s), which under context parallelism is
+    ``CP`` times the ``ids`` of this rank.
+    """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -144,7 +152,7 @@ def _pipeline_forward_logits(model, ids: torch.Tensor, positions: torch.Tensor) 
             data_iterator=[iter([None] * microbatches) for _ in chunks] if len(chunks) > 1 else iter([None]),
             model=chunks,
             num_microbatches=microbatches,
-            seq_length=ids.shape[1],
+            seq_length=seq_length or ids.shape[1],
             micro_batch_size=1,
             forward_only=True,
         )
