@@ -172,13 +172,23 @@ def test_parallel_training_matches_one_process(sft_run, fp8_hf, reference_losses
     assert norms == reference_norms and all(float(norm) > 1.0 for norm in norms.values()), (norms, reference_norms)
 
 
+def logged_scalars(run: Path) -> dict[str, list[float]]:
+    """``{tag: values by step}`` of a run's TensorBoard log: full precision (the log line rounds the grad norm)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb_logs"))
+    events.Reload()
+    return {tag: [event.value for event in events.Scalars(tag)] for tag in ("lm loss", "mtp_1 loss", "grad-norm")}
+
+
 def test_context_parallel_training_matches_one_process(sft_run, fp8_hf, tmp_path):
     """``--cp 2`` (local attention, K/V gathered, Megatron's load-balanced split, causal and sliding-window spans
-    across the chunk boundaries) trains as one process with per-token loss sums: the same LM losses and grad norms.
-    The MTP loss is off: Megatron-Core normalizes it per CP rank (refused with it on, see the next test)."""
+    across the chunk boundaries) trains as one process with per-token loss sums: the same LM and MTP losses and
+    grad norms. The records (31 to 40 tokens) are padded to 48: 4 chunks of 12, answers over the boundaries
+    between ranks, so MTP's shifted targets and loss mask cross them. (Megatron-Core's per-rank MTP normalization
+    logged half the MTP loss here and grad norms up to 1.4e-2 off; now all agree within 5e-7.)"""
     skip_unless_ranks_fit(2)
     common = ["--megatron-path", sft_run[0] / "pretrained", "--tokenizer", fp8_hf, "--train-iters", 3, *TRAIN_FLAGS]
-    common += ["--mtp-loss-scale", "0"]
     # What Megatron-Bridge requires of a CP fine-tune (the recipe sets it under --cp), here for one process too.
     reference = finetune(*common, "--output", tmp_path / "one", "model.calculate_per_token_loss=true",
                          "ddp.average_in_collective=false")  # fmt: skip
@@ -187,20 +197,20 @@ def test_context_parallel_training_matches_one_process(sft_run, fp8_hf, tmp_path
     done = subprocess.run([*command, "--cp", "2"], capture_output=True, text=True, timeout=900)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
-    one_lm = {step: lm for step, (lm, _) in losses(reference).items()}
-    assert sorted(one_lm) == [1, 2, 3]
-    assert {step: lm for step, (lm, _) in losses(log).items()} == one_lm
-    assert dict(GRAD_NORM.findall(log)) == dict(GRAD_NORM.findall(reference))
+    assert sorted(losses(reference)) == sorted(losses(log)) == [1, 2, 3]
+    one, cp = logged_scalars(tmp_path / "one"), logged_scalars(tmp_path / "cp2")
+    assert all(len(values) == 3 for values in one.values()) and min(one["mtp_1 loss"]) > 1.0, one
+    for tag, values in one.items():
+        assert all(abs(got - want) <= 1e-4 * abs(want) for got, want in zip(cp[tag], values, strict=True)), (cp, one)
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--cp", "2"], "--mtp-loss-scale 0"),
-        (["--cp", "2", "--mtp-loss-scale", "0", "--seq-length", "66"], "divisible by 2 x cp = 4"),
-        (["--cp", "2", "--mtp-loss-scale", "0", "--backend", "te"], "TransformerEngine is not installed"),
+        (["--cp", "2", "--seq-length", "66"], "divisible by 2 x cp = 4"),
+        (["--cp", "2", "--backend", "te"], "TransformerEngine is not installed"),
     ],
-    ids=["mtp_loss", "seq_length", "te_backend"],
+    ids=["seq_length", "te_backend"],
 )
 def test_context_parallel_runs_that_cannot_be_exact_are_refused_in_one_line(fp8_hf, tmp_path, flags, message):
     done = run_finetune("--hf-model", fp8_hf, "--output", tmp_path / "run", "--print-config", *flags)

@@ -41,7 +41,6 @@ from megatron.bridge.training.model_load_save import load_model_config
 
 from megatron.bridge.models.mimo_v2_flash.mimo_v2_flash_provider import GPU_MODEL_SETTINGS, LOCAL_BACKEND_SETTINGS
 from mimo_v2_flash.checkpoint.megatron_dirs import latest_iteration_dir
-from mimo_v2_flash.config import MiMoV2FlashConfigError
 from mimo_v2_flash.planning.parallel_layout import check_parallel_layout
 
 LORA_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
@@ -147,7 +146,8 @@ def mimo_v2_flash_finetune_config(
         for name, value in LOCAL_BACKEND_SETTINGS.items():
             setattr(model, name, value)
     model.mtp_loss_scaling_factor = mtp_loss_scale
-    _check_context_parallel(model, cp, seq_length, backend, mtp_loss_scale)
+    # Refuse, before any process group exists, a context-parallel run that cannot be exact.
+    check_parallel_layout(None, cp=cp, seq_length=seq_length, transformer_engine=backend == "te")
     model.moe_router_dtype = "fp32"
     model.moe_router_bias_update_rate = router_bias_update_rate
     model.moe_aux_loss_coeff = moe_aux_loss_coeff
@@ -238,14 +238,3 @@ def _gpu_model_settings(model) -> None:
     # Long sequences: recompute attention's and the experts' activation inputs instead of keeping them.
     model.recompute_granularity = "selective"
     model.recompute_modules = ["core_attn", "moe_act"]
-
-
-def _check_context_parallel(model, cp: int, seq_length: int, backend: str, mtp_loss_scale: float) -> None:
-    """Refuse, before any process group exists, a context-parallel run that cannot be exact."""
-    check_parallel_layout(None, cp=cp, seq_length=seq_length, transformer_engine=backend == "te")
-    if cp > 1 and model.mtp_num_layers and mtp_loss_scale:
-        raise MiMoV2FlashConfigError(
-            f"--cp {cp} with the MTP loss: Megatron-Core normalizes it per context-parallel rank (each rank's own "
-            "token ratio in the gradient, an average of per-rank averages in the log), which is not the one-process "
-            "loss; pass --mtp-loss-scale 0 (MTP layers kept, not trained) or --cp 1"
-        )
