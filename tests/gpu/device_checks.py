@@ -15,6 +15,7 @@ run on the local backend on the GPU, and the exit code is 4 when those all pass.
    need 8 x 32k x 32k fp32 scores, 32 GiB);
 4. TE vs local backend on the tiny model (bf16): logits and gradients within a bf16 tolerance;
 5. FP8 tiny import on this (CUDA) host: every router bias equal to the source's;
+   with 2+ GPUs and TE, CP 2 (TE a2a / p2p per layer kind) against one GPU: logits, and LM/MTP losses of a fine-tune;
 6. 5-step fine-tunes (TE, else local backend), full and LoRA, each exported; transformers' logits agree with
    Megatron's.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -248,6 +250,41 @@ def check_finetune(peft: str, hf_dir: Path, work: Path, backend: str) -> bool:
     return report(f"5-step fine-tune on {backend} ({peft}), export, transformers agree", ok, f"logs in {work}")
 
 
+CP_PROMPT = ",".join(str((7 * i + 3) % 250) for i in range(64))  # windows and causal spans cross every chunk
+LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| lm loss: (\S+) \| mtp_1 loss: (\S+) \|")
+
+
+def check_context_parallel_te(hf_dir: Path, work: Path) -> bool:
+    """CP 2 on TransformerEngine (a2a on the SWA and MTP layers, p2p on the full ones) against one GPU, bf16."""
+    from safetensors.torch import load_file
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    logits = {}
+    for name, launcher, flags in (("one", [sys.executable], []), ("cp2", torchrun, ["--cp", "2"])):
+        out = work / f"cp_logits_{name}.safetensors"
+        command = [*launcher, EXAMPLES / "generate.py", "--hf-model", hf_dir, "--prompt-ids", CP_PROMPT,
+                   "--max-new-tokens", "0", "--dtype", "bfloat16", "--dump-logits", out, *flags]  # fmt: skip
+        if not run(command, work / f"cp_generate_{name}.log"):
+            return report("CP 2 on TE (a2a)", False, f"generate {name} failed")
+        logits[name] = load_file(str(out))["logits"]
+    logit_error = float((logits["cp2"] - logits["one"]).abs().max() / logits["one"].abs().max())
+    losses = {}
+    for name, flags in (("one", []), ("cp2", ["--nproc-per-node", "2", "--cp", "2"])):
+        steps = ["bash", EXAMPLES / "finetune.sh", "--hf-model", hf_dir, "--output", work / f"cp_run_{name}",
+                 "--train-iters", "3", "--backend", "te", "--seq-length", "64", "--global-batch-size", "4",
+                 *flags]  # fmt: skip
+        if not run(steps, work / f"cp_finetune_{name}.log"):
+            return report("CP 2 on TE (a2a)", False, f"fine-tune {name} failed")
+        text = (work / f"cp_finetune_{name}.log").read_text(errors="replace")
+        losses[name] = [(float(lm), float(mtp)) for _, lm, mtp in LOSS.findall(text)]
+    steps_logged = [len(losses["one"]), len(losses["cp2"])]
+    pairs = [(a, b) for one, cp in zip(*losses.values(), strict=False) for a, b in zip(one, cp, strict=True)]
+    loss_error = max(abs(b - a) / abs(a) for a, b in pairs) if pairs else float("inf")
+    ok = logit_error < BACKEND_TOLERANCE and steps_logged == [3, 3] and loss_error < BACKEND_TOLERANCE
+    detail = f"logits {logit_error:.1e}; LM and MTP losses over 3 steps {loss_error:.1e} (bf16)"
+    return report("CP 2 on TE (a2a SWA/MTP, p2p full) vs one GPU", ok, detail)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -302,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         hf_dir = write_tiny_checkpoint(work / "tiny_hf")
         fp8_dir = write_fp8_checkpoint(hf_dir, work / "tiny_fp8")
         checks += [lambda: check_te_vs_local(hf_dir)] if te is not None else []
+        if te is not None and torch.cuda.device_count() >= 2:
+            checks += [lambda: check_context_parallel_te(hf_dir, work)]
+        else:
+            found = f"{torch.cuda.device_count()} GPU(s)" + ("" if te is not None else ", no TransformerEngine")
+            skip("CP 2 on TE (a2a)", f"needs 2 GPUs with TransformerEngine; found {found}")
         checks += [
             lambda: check_fp8_import(fp8_dir, work / "fp8"),
             lambda: check_finetune("none", hf_dir, work, backend),
