@@ -14,8 +14,15 @@ it leaves --reserve-gb free: each context-parallel rank holds seq/CP tokens, so 
 CP, while one layer's K/V of the whole sequence (and their gradients) is gathered on every rank (MiMo's
 all-gather CP). GPUs = TP x PP x CP x DP; the distributed optimizer shards over DP x CP. --recommend then also
 searches CP (powers of two, or the --cp given) and prefers, among the layouts that fit, the most data parallelism
-(least TP x PP x CP), then the least memory. The estimates assume a fused attention kernel: the unfused local
-backend also holds (seq/CP) x seq attention scores, printed when evaluating a layout.
+(least TP x PP x CP), then the least memory. A layout whose activations do not fit with the recipe's selective
+recompute is planned with full recompute (every layer's input kept, one layer recomputed at a time), marked
+"recompute full", with the Hydra overrides for finetune.sh printed.
+
+CP layouts are for the TransformerEngine backend (TE >= 2.16): MiMo's sliding-window layers (window and learnable
+sink) need cp_comm_type a2a, which splits each TP rank's query and KV heads over the CP ranks, so CP must divide
+them (TP x CP <= 8 with MiMo-V2-Flash's 8 SWA KV heads); layouts TE cannot run are refused. The estimates count
+no score matrix (TE's fused attention keeps none): the unfused local backend also holds (seq/CP) x seq attention
+scores, printed when evaluating a layout.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ DEFAULT_RECOMMEND_GPUS = (8, 16, 32, 64, 128, 256)
 DEFAULT_SEQ_LENGTH = 4096
 POWERS = (1, 2, 4, 8, 16, 32, 64)
 CP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+FULL_RECOMPUTE_OVERRIDES = (
+    "model.recompute_granularity=full model.recompute_method=uniform model.recompute_num_layers=1"
+)
 
 
 @dataclass(frozen=True)
@@ -165,8 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from mimo_v2_flash.checkpoint.hf_checkpoint import CheckpointError
     from mimo_v2_flash.config import MiMoV2FlashConfigError
-    from mimo_v2_flash.planning.parallel_layout import check_parallel_layout
+    from mimo_v2_flash.planning.parallel_layout import TE_CONTEXT_PARALLEL_MIN_VERSION, check_parallel_layout
     from mimo_v2_flash.planning.parallel_plan import total_parameters
+
+    # CP layouts are planned for TransformerEngine on GPUs (not the TE installed here): refuse what TE cannot run.
+    te_check = functools.partial(
+        check_parallel_layout, transformer_engine=True, te_version=TE_CONTEXT_PARALLEL_MIN_VERSION
+    )
 
     layout = Layout(args.tp, args.pp, args.ep, args.etp, args.gpus, 1 if args.cp is None else args.cp)
     try:
@@ -178,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.recommend is not None:
             args.recommend = args.recommend or list(DEFAULT_RECOMMEND_GPUS)
             if _long_context(args):
-                return _recommend_long_context(arch, mtp, args, check_parallel_layout)
+                return _recommend_long_context(arch, mtp, args, te_check)
             return _recommend(arch, mtp, args, check_parallel_layout)
-        check_parallel_layout(
+        (te_check if layout.cp > 1 else check_parallel_layout)(
             arch,
             layout.tp,
             layout.pp,
@@ -248,9 +263,17 @@ def _print_long_context_layout(arch, mtp, layout: Layout, args) -> int:
             f"{name}: {value:.1f} + {act:.1f} activations = {value + act:.1f} GiB/rank -> "
             f"{'fits' if fits else 'does NOT fit'} in {_usable(args):.0f} GiB ({args.reserve_gb:.0f} reserved)"
         )
+    full_acts = activation_memory(arch, layout.tp, layout.pp, seq, mtp, cp=layout.cp, recompute="full").total / GIB
+    fits = [value + full_acts <= _usable(args) for value in (full, lora)]
+    print(
+        f"with full recompute: {full_acts:.1f} GiB/rank of activations -> full fine-tuning {full + full_acts:.1f} "
+        f"GiB/rank {'fits' if fits[0] else 'does NOT fit'}, LoRA {lora + full_acts:.1f} GiB/rank "
+        f"{'fits' if fits[1] else 'does NOT fit'} (finetune.sh overrides: {FULL_RECOMPUTE_OVERRIDES})"
+    )
     scores = unfused_score_bytes(arch, layout.tp, layout.cp, seq) / GIB
     print(
-        f"not counted: a fused attention kernel assumed; the unfused local backend adds >= {scores:.1f} GiB of scores"
+        "not counted: TransformerEngine's fused attention assumed (TE >= 2.16 for CP); the unfused local backend "
+        f"adds >= {scores:.1f} GiB of scores"
     )
     return 0
 
@@ -303,6 +326,7 @@ class _Candidate:
     parts: tuple[tuple[str, float], ...]  # (name, GiB) of weights and optimizer state
     activations: float
     gathered_kv: float
+    recompute: str = "selective"
 
     @property
     def states(self) -> float:
@@ -316,11 +340,13 @@ class _Candidate:
 def _candidates(arch, mtp, args, check, gpus: int):
     """Every valid layout on ``gpus`` GPUs with CP, as ``(mode, _Candidate)`` for full fine-tuning and LoRA."""
     from mimo_v2_flash.config import MiMoV2FlashConfigError
-    from mimo_v2_flash.planning.parallel_plan import GIB, activation_memory, plan_rank_memory
+    from mimo_v2_flash.planning.parallel_plan import activation_memory, plan_rank_memory
 
     seq = _seq_length(args)
     rank_memory = functools.cache(lambda *key: plan_rank_memory(arch, *key, mtp, args.lora_rank))
-    activations = functools.cache(lambda tp, pp, cp: activation_memory(arch, tp, pp, seq, mtp, cp=cp))
+    activations = functools.cache(
+        lambda tp, pp, cp, recompute: activation_memory(arch, tp, pp, seq, mtp, cp=cp, recompute=recompute)
+    )
     cps = CP_SIZES if args.cp is None else (args.cp,)
     for tp, pp, cp, ep, etp in itertools.product([t for t in POWERS if t <= 8], POWERS, cps, POWERS, [1, 2]):
         if tp * pp * cp > gpus:
@@ -331,11 +357,24 @@ def _candidates(arch, mtp, args, check, gpus: int):
             continue
         layout = Layout(tp, pp, ep, etp, gpus, cp)
         mem = rank_memory(tp, pp, ep, etp)
-        acts = activations(tp, pp, cp)
         full = mem.full_finetune_parts(layout.dp * cp, True, layout.expert_dp)
-        act, kv = acts.total / GIB, acts.gathered_kv / GIB
-        yield "full", _Candidate(layout, _named(("weights", "grads", "optimizer"), full), act, kv)
-        yield "lora", _Candidate(layout, _named(("base", "adapters"), mem.lora_parts()), act, kv)
+        for mode, parts in (
+            ("full", _named(("weights", "grads", "optimizer"), full)),
+            ("lora", _named(("base", "adapters"), mem.lora_parts())),
+        ):
+            yield mode, _with_activations(layout, parts, activations, _usable(args))
+
+
+def _with_activations(layout: Layout, parts, activations, usable: float) -> _Candidate:
+    """The layout with the recipe's selective recompute, or with full recompute where selective does not fit."""
+    from mimo_v2_flash.planning.parallel_plan import GIB
+
+    for recompute in ("selective", "full"):
+        acts = activations(layout.tp, layout.pp, layout.cp, recompute)
+        candidate = _Candidate(layout, parts, acts.total / GIB, acts.gathered_kv / GIB, recompute)
+        if candidate.total <= usable:
+            break
+    return candidate
 
 
 def _named(names: tuple[str, ...], values: tuple[float, ...]) -> tuple[tuple[str, float], ...]:
@@ -346,13 +385,15 @@ def _named(names: tuple[str, ...], values: tuple[float, ...]) -> tuple[tuple[str
 
 
 def _preference(candidate: _Candidate, usable: float) -> tuple:
-    """Sort key: layouts that fit ``usable`` GiB first, the most data-parallel (least TP x PP x CP), then the
-    least memory, then ETP 1 (the recipe's); then the rest by least memory."""
+    """Sort key: layouts that fit ``usable`` GiB first, those with the recipe's selective recompute before those
+    needing full recompute (a third more compute; CP costs communication only), then the most data-parallel (least
+    TP x PP x CP), the least memory, ETP 1 (the recipe's); then the rest by least memory."""
     layout = candidate.layout
     parallel = layout.tp * layout.pp * layout.cp
+    full = candidate.recompute == "full"
     if candidate.total <= usable:
-        return (0, parallel, candidate.total, layout.etp)
-    return (1, candidate.total, parallel, layout.etp)
+        return (0, full, parallel, candidate.total, layout.etp)
+    return (1, candidate.total, parallel, full, layout.etp)
 
 
 def _recommend_long_context(arch, mtp, args, check) -> int:
@@ -360,6 +401,7 @@ def _recommend_long_context(arch, mtp, args, check) -> int:
     (weights / gradients / optimizer state or frozen base / adapters, and activations)."""
     seq = _seq_length(args)
     label = f"{seq // 1024}k" if seq % 1024 == 0 else str(seq)
+    full_recompute = False
     for gpus in args.recommend:
         best: dict[str, _Candidate] = {}
         for mode, candidate in _candidates(arch, mtp, args, check, gpus):
@@ -371,6 +413,9 @@ def _recommend_long_context(arch, mtp, args, check) -> int:
             continue
         for mode in ("full", "lora"):
             _print_candidate(gpus, mode, best[mode], label, args)
+            full_recompute |= best[mode].recompute == "full"
+    if full_recompute:
+        print(f"recompute full: pass finetune.sh {FULL_RECOMPUTE_OVERRIDES}")
     return 0
 
 
@@ -379,7 +424,8 @@ def _print_candidate(gpus: int, mode: str, candidate: _Candidate, label: str, ar
     fits = candidate.total <= _usable(args)
     print(
         f"{gpus:3d} GPUs, {mode:4s}: {candidate.layout.describe(True)} -> {candidate.states:6.1f} GiB/rank "
-        f"({parts}; activations {label} {candidate.activations:.1f} (K/V {candidate.gathered_kv:.1f}); "
+        f"({parts}; activations {label} {candidate.activations:.1f} (K/V {candidate.gathered_kv:.1f}), "
+        f"recompute {candidate.recompute}; "
         f"total {candidate.total:.1f}; {'fits' if fits else 'does not fit'} {args.gpu_memory_gb:.0f} GiB "
         f"({args.reserve_gb:.0f} reserved) at {label})"
     )

@@ -134,6 +134,7 @@ def activation_memory(
     mtp_layers: int,
     micro_batch: int = 1,
     cp: int = 1,
+    recompute: str = "selective",
 ) -> ActivationMemory:
     """Estimated activation memory of the busiest rank (the first pipeline stage) for bf16 training.
 
@@ -149,6 +150,12 @@ def activation_memory(
     gathers the whole sequence's K/V on every rank, on full and sliding-window layers alike (see
     :func:`gathered_kv_bytes`); core attention is recomputed, so one layer's worth is alive at a time.
 
+    ``recompute="full"`` (Megatron's ``recompute_granularity="full"``, ``recompute_method="uniform"``,
+    ``recompute_num_layers=1``, MTP layers included) keeps only each layer's input, the bf16 hidden states of the
+    rank's tokens, ``2 * s * b * h / t`` bytes per layer and in-flight micro-batch, and recomputes one layer at a
+    time in backward: that layer's selective estimate above (the largest layer: an MoE one where there is) is added
+    once. The logits are not part of a layer and stay as above.
+
     Args:
         arch: The model.
         tp: Tensor-parallel size (sequence parallelism splits the stored tokens over TP too).
@@ -157,19 +164,28 @@ def activation_memory(
         mtp_layers: MTP layers (on the last stage).
         micro_batch: Sequences per micro-batch.
         cp: Context-parallel size.
+        recompute: ``"selective"`` (core attention, the recipe's) or ``"full"`` (every layer, one at a time).
 
     Returns:
-        The stored activations and the gathered K/V, in bytes.
+        The stored activations (under full recompute: the layer inputs and one layer's recompute working set) and
+        the gathered K/V, in bytes.
     """
     tokens = seq_length * micro_batch / (tp * cp)
     h = arch.hidden_size
     per_stage = arch.num_layers // pp
-    layers = sum(
+    per_layer = [
         34 * tokens * h + (2 * arch.moe_topk * tokens * (2 * h + 2 * arch.moe_ffn_hidden_size) if moe else 0)
         for moe in arch.moe_layers[:per_stage]
-    )
-    first_stage = layers * pp
-    last_stage = layers + (34 * tokens * h) * mtp_layers + 4 * tokens * arch.vocab_size * (1 + mtp_layers)
+    ]
+    if recompute == "selective":
+        layers, mtp, working = sum(per_layer), (34 * tokens * h) * mtp_layers, 0.0
+    elif recompute == "full":
+        layers, mtp = per_stage * 2 * tokens * h, 2 * tokens * h * mtp_layers
+        working = max(per_layer + ([34 * tokens * h] if mtp_layers else []))
+    else:
+        raise ValueError(f"recompute must be 'selective' or 'full', got {recompute!r}")
+    first_stage = layers * pp + working
+    last_stage = layers + mtp + 4 * tokens * arch.vocab_size * (1 + mtp_layers) + working
     stored = max(first_stage, last_stage) if pp > 1 else last_stage
     gathered = gathered_kv_bytes(arch, tp, seq_length, micro_batch) if cp > 1 else 0.0
     return ActivationMemory(stored, gathered)
@@ -183,9 +199,10 @@ def activation_bytes(
     mtp_layers: int,
     micro_batch: int = 1,
     cp: int = 1,
+    recompute: str = "selective",
 ) -> float:
     """Total of :func:`activation_memory` in bytes (stored activations plus, under CP, the gathered K/V)."""
-    return activation_memory(arch, tp, pp, seq_length, mtp_layers, micro_batch, cp).total
+    return activation_memory(arch, tp, pp, seq_length, mtp_layers, micro_batch, cp, recompute).total
 
 
 def kv_heads_per_rank(arch: MiMoV2FlashArchitecture, tp: int) -> dict[str, int]:

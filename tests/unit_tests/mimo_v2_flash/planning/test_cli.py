@@ -25,12 +25,12 @@ def _expected_activations_gib(seq: int, tp: int, cp: int) -> float:
     """The estimate's definition for the released model at PP 1, written out here: 48 layers of 34 t h bytes,
     47 MoE layers adding 2 k t (2h + 2f), 3 MTP layers of 34 t h, fp32 logits 4 t V for the head and each MTP
     layer, t = seq / (tp * cp) tokens per rank; with CP, one layer's K/V of the whole sequence and their
-    gradients: 2 * seq * (one KV head per rank at TP 8) * (192 + 128) * 2 bytes."""
+    gradients: 2 * seq * (8 SWA KV heads / TP per rank, at least 1) * (192 + 128) * 2 bytes."""
     tokens = seq / (tp * cp)
     h, vocab, topk, ffn = 4096, 152576, 8, 2048
     stored = 48 * 34 * tokens * h + 47 * 2 * topk * tokens * (2 * h + 2 * ffn)
     stored += 3 * 34 * tokens * h + 4 * tokens * vocab * 4
-    gathered = 2 * seq * 1 * (192 + 128) * 2 if cp > 1 else 0
+    gathered = 2 * seq * max(8 // tp, 1) * (192 + 128) * 2 if cp > 1 else 0
     return (stored + gathered) / GIB
 
 
@@ -42,54 +42,102 @@ def _activations(out: str) -> float:
 
 @pytest.mark.parametrize("cp", [2, 4, 8])
 def test_cp_divides_the_activation_estimate(capsys, cp):
+    """TP 1 (8 SWA KV heads per rank) is the TP TransformerEngine's a2a CP runs with CP 2, 4 and 8."""
     seq = "131072"
-    code, one, _ = _run(capsys, "--tp", "8", "--ep", "8", "--gpus", "8", "--seq-length", seq)
+    code, one, _ = _run(capsys, "--tp", "1", "--ep", "8", "--gpus", "8", "--seq-length", seq)
     assert code == 0
     code, split, _ = _run(
-        capsys, "--tp", "8", "--ep", "8", "--cp", str(cp), "--gpus", str(8 * cp), "--seq-length", seq
+        capsys, "--tp", "1", "--ep", "8", "--cp", str(cp), "--gpus", str(8 * cp), "--seq-length", seq
     )
     assert code == 0
-    assert f"x CP {cp} (DP 1)" in split
-    assert _activations(one) == pytest.approx(_expected_activations_gib(131072, 8, 1), abs=0.05)
-    assert _activations(split) == pytest.approx(_expected_activations_gib(131072, 8, cp), abs=0.05)
-    # the per-token share falls by CP; what is left over is the gathered K/V (0.16 GiB here)
-    assert _activations(split) == pytest.approx(_activations(one) / cp + 0.16, abs=0.1)
+    assert f"x CP {cp} (DP 8)" in split
+    assert _activations(one) == pytest.approx(_expected_activations_gib(131072, 1, 1), abs=0.05)
+    assert _activations(split) == pytest.approx(_expected_activations_gib(131072, 1, cp), abs=0.05)
+    # the per-token share falls by CP; what is left over is the gathered K/V (8 KV heads: 1.25 GiB here)
+    assert _activations(split) == pytest.approx(_activations(one) / cp + 1.25, abs=0.1)
 
 
 def test_cp_shards_the_distributed_optimizer_over_dp_times_cp(capsys):
     """GPUs = TP x PP x CP x DP; Megatron's distributed optimizer shards over DP x CP, so at a fixed GPU count
     trading DP for CP keeps the optimizer state per rank."""
-    common = ["--tp", "8", "--ep", "64", "--gpus", "64", "--seq-length", "131072", "--distributed-optimizer"]
+    common = ["--tp", "1", "--ep", "64", "--gpus", "64", "--seq-length", "131072", "--distributed-optimizer"]
     results = {}
     for cp in ("1", "8"):
         code, out, _ = _run(capsys, *common, "--cp", cp)
         assert code == 0
         results[cp] = re.search(r"^full fine-tuning \(distributed optimizer\): ([\d.]+) \+", out, re.MULTILINE)[1]
     assert results["1"] == results["8"]
-    assert "TP 8 x PP 1 x CP 8 (DP 1)" in out
+    assert "TP 1 x PP 1 x CP 8 (DP 8)" in out
 
 
-def test_recommend_at_128k_on_h100_proposes_context_parallelism(capsys):
+def test_recommend_at_128k_on_h100_needs_full_recompute(capsys):
+    """TE's a2a CP keeps TP x CP <= 8, so selective recompute holds at least 128k / 8 tokens' activations per rank,
+    more than an H100: the LoRA layout that fits uses full recompute, and the overrides for it are printed."""
+    assert _expected_activations_gib(131072, 8, 1) > 80
     code, out, _ = _run(capsys, "--recommend", "64", "--seq-length", "131072")
     assert code == 0
     line = next(line for line in out.splitlines() if line.startswith(" 64 GPUs, lora:"))
-    cp = int(re.search(r" CP (\d+) ", line)[1])
-    assert cp > 1 and "; fits 80 GiB" in line, line
+    assert "recompute full;" in line and "; fits 80 GiB" in line, line
     total = float(re.search(r"total ([\d.]+);", line)[1])
     assert total <= 80 - 8
-    # Without CP no layout of 64 GPUs fits: activations alone exceed an H100 at TP 8 (the most this model takes).
-    assert _expected_activations_gib(131072, 8, 1) > 80
-    code, out, _ = _run(capsys, "--recommend", "64", "--seq-length", "131072", "--cp", "1")
+    assert out.splitlines()[-1] == (
+        "recompute full: pass finetune.sh model.recompute_granularity=full model.recompute_method=uniform "
+        "model.recompute_num_layers=1"
+    )
+
+
+def _proposals(out: str) -> list[tuple[int, int, int, int, int, int]]:
+    """(GPUs, TP, PP, CP, EP, ETP) of every layout a long-context --recommend printed."""
+    pattern = r"^ *(\d+) GPUs, (?:full|lora): TP (\d+) PP (\d+) CP (\d+) EP (\d+) ETP (\d+) "
+    return [tuple(map(int, match)) for match in re.findall(pattern, out, re.MULTILINE)]
+
+
+@pytest.mark.parametrize("cp", [None, "2", "4", "8"])
+@pytest.mark.parametrize("seq", ["131072", "262144"])
+@pytest.mark.parametrize("memory", ["80", "141"])
+def test_recommended_long_context_layouts_run_on_transformer_engine(capsys, cp, seq, memory):
+    """Every proposal is one TransformerEngine runs: a2a splits each TP rank's 8 / TP SWA KV heads over CP."""
+    from mimo_v2_flash.config import parse_architecture, released_family_configs
+    from mimo_v2_flash.planning.parallel_layout import TE_CONTEXT_PARALLEL_MIN_VERSION, check_parallel_layout
+
+    arch = parse_architecture(released_family_configs()["MiMo-V2-Flash"])
+    argv = ["--recommend", "--seq-length", seq, "--gpu-memory-gb", memory] + (["--cp", cp] if cp else [])
+    code, out, _ = _run(capsys, *argv)
     assert code == 0
-    assert all("CP 1 " in line and "does not fit" in line for line in out.splitlines()[1:]), out
+    proposals = _proposals(out)
+    assert len(proposals) == 12, out
+    for gpus, tp, pp, proposed_cp, ep, etp in proposals:
+        assert proposed_cp == int(cp or proposed_cp)
+        assert (8 // tp) % proposed_cp == 0, (tp, proposed_cp)
+        check_parallel_layout(
+            arch,
+            tp,
+            pp,
+            ep,
+            etp,
+            cp=proposed_cp,
+            world_size=gpus,
+            seq_length=int(seq),
+            transformer_engine=True,
+            te_version=TE_CONTEXT_PARALLEL_MIN_VERSION,
+        )
+
+
+def test_full_recompute_is_offered_when_evaluating_a_layout(capsys):
+    code, out, _ = _run(capsys, "--tp", "2", "--cp", "4", "--ep", "64", "--gpus", "64", "--seq-length", "131072")
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.startswith("with full recompute: "))
+    assert "model.recompute_granularity=full model.recompute_method=uniform model.recompute_num_layers=1" in line
+    assert float(re.search(r"full recompute: ([\d.]+) GiB", line)[1]) < _activations(out) / 4
 
 
 def test_recommend_without_gpu_counts_plans_the_default_counts(capsys):
     code, out, _ = _run(capsys, "--recommend", "--seq-length", "262144", "--gpu-memory-gb", "141")
     assert code == 0
-    counts = [int(line.split()[0]) for line in out.splitlines()[1:]]
+    lines = [line for line in out.splitlines()[1:] if " GPUs, " in line]
+    counts = [int(line.split()[0]) for line in lines]
     assert counts == [n for n in (8, 16, 32, 64, 128, 256) for _ in range(2)]
-    assert all(" CP " in line and "at 256k" in line for line in out.splitlines()[1:])
+    assert all(" CP " in line and "at 256k" in line for line in lines)
 
 
 def test_default_output_has_no_cp_field(capsys):
@@ -115,8 +163,16 @@ def test_default_output_has_no_cp_field(capsys):
     [
         (["--cp", "3", "--gpus", "24", "--seq-length", "131072"], "must be divisible by 2 x cp = 6"),
         (["--cp", "4", "--gpus", "32", "--seq-length", "131076"], "must be divisible by 2 x cp = 8"),
-        (["--cp", "2", "--gpus", "8"], "not a multiple of tp*pp*cp = 16"),
+        (["--tp", "4", "--cp", "2", "--gpus", "12"], "not a multiple of tp*pp*cp = 8"),
         (["--seq-length", "524288"], "exceeds the model's max_position_embeddings=262144"),
+        (
+            ["--tp", "8", "--cp", "2", "--gpus", "16", "--seq-length", "131072"],
+            "a rank holds 1 KV head(s) (8 / --tp 8)",
+        ),
+        (
+            ["--tp", "4", "--cp", "4", "--gpus", "16", "--seq-length", "131072"],
+            "a rank holds 2 KV head(s) (8 / --tp 4)",
+        ),
     ],
 )
 def test_bad_layouts_give_a_one_line_error(capsys, argv, message):

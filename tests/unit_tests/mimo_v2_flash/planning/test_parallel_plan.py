@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mimo_v2_flash.checkpoint.validation import expected_tensors
 from mimo_v2_flash.config import parse_architecture, released_config
 from mimo_v2_flash.planning.parallel_plan import plan_rank_memory, total_parameters
@@ -106,6 +108,28 @@ def test_context_parallelism_divides_the_stored_activations_and_adds_the_whole_s
         # split); K (192) and V (128) of all 131072 tokens in bf16, and their gradients: the same for every CP.
         assert split.gathered_kv == 2 * seq * 1 * (192 + 128) * 2
         assert activation_bytes(arch, tp=8, pp=1, seq_length=seq, mtp_layers=3, cp=cp) == split.total
+
+
+@pytest.mark.parametrize(("tp", "cp", "pp"), [(8, 1, 1), (2, 4, 1), (1, 8, 1), (8, 1, 4)])
+def test_full_recompute_keeps_the_layer_inputs_and_one_layer_recompute(tp, cp, pp):
+    """recompute_granularity=full, uniform, one layer per unit: each layer (and MTP layer) keeps its bf16 input,
+    2 t h bytes, per micro-batch in flight (PP of them on the first stage), plus one MoE layer's selective set,
+    34 t h + 2 k t (2h + 2f), while it is recomputed; the fp32 logits stay; with CP the gathered K/V too."""
+    from mimo_v2_flash.planning.parallel_plan import activation_memory
+
+    arch = parse_architecture(released_config())
+    seq = 131072
+    tokens = seq / (tp * cp)
+    h, vocab, topk, ffn, mtp = 4096, 152576, 8, 2048, 3
+    inputs = 48 // pp * 2 * tokens * h
+    working = 34 * tokens * h + 2 * topk * tokens * (2 * h + 2 * ffn)
+    last = inputs + mtp * 2 * tokens * h + 4 * tokens * vocab * (1 + mtp) + working
+    expected = max(inputs * pp + working, last) if pp > 1 else last
+    full = activation_memory(arch, tp=tp, pp=pp, seq_length=seq, mtp_layers=mtp, cp=cp, recompute="full")
+    assert full.stored == pytest.approx(expected, rel=1e-12)
+    assert full.gathered_kv == (2 * seq * max(8 // tp, 1) * (192 + 128) * 2 if cp > 1 else 0)
+    selective = activation_memory(arch, tp=tp, pp=pp, seq_length=seq, mtp_layers=mtp, cp=cp)
+    assert full.stored < selective.stored and full.gathered_kv == selective.gathered_kv
 
 
 def test_gathered_kv_counts_the_kv_heads_each_tensor_parallel_rank_keeps():
