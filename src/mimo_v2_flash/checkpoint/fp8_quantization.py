@@ -28,7 +28,9 @@ from mimo_v2_flash.checkpoint.fp8_scale_layouts import (
 )
 from mimo_v2_flash.checkpoint.kv_layout_names import parse_kv_layout
 
-ROW_CHUNK = 1024  # rows quantized at a time: bounds the fp32 temporaries of a large weight
+ROW_CHUNK = 256  # rows quantized at a time: bounds the fp32 temporaries of a large weight
+# Dtypes whose mixed arithmetic with fp32 scales computes exactly what an fp32 copy would (others are copied).
+EXACTLY_PROMOTED = (torch.float32, torch.bfloat16, torch.float16)
 MIN_SCALE = 1e-12 / FP8_MAX  # an all-zero block gets a tiny positive scale instead of 0 (no 0 / 0)
 
 
@@ -65,18 +67,22 @@ def quantize_rows(
         _check_finite(amax, weights)
         for source, copy in shadowed:
             amax[copy] = amax[source]
+    bounds = {name: chunks[name] if one_pass else _fixed_chunks(weight.shape[0]) for name, weight in weights.items()}
+    # One fp32 scratch for every chunk: a fresh chunk-sized tensor each time costs more in page faults than the
+    # arithmetic (~8 ms against ~1.5 ms per 1024 x 4096 rows).
+    scratch = torch.empty(max(stop - start for b in bounds.values() for start, stop in b), col_blocks, col_block)
     quantized = {}
     for name, weight in weights.items():
         out = torch.empty(weight.shape, dtype=FP8_DTYPE)
-        bounds = chunks[name] if one_pass else _fixed_chunks(weight.shape[0])
-        for start, stop in bounds:
+        for start, stop in bounds[name]:
             if one_pass:
                 blocks = _gather_amax(amax, weight, row_maps[name], start, stop, col_block)
             else:
                 blocks = _column_blocks(weight[start:stop], col_block)
             row_scales = (amax[row_maps[name][start:stop]] / FP8_MAX).clamp_(min=MIN_SCALE)
-            blocks.div_(row_scales[:, :, None]).clamp_(-FP8_MAX, FP8_MAX)
-            out[start:stop] = blocks.view(blocks.shape[0], -1)[:, :cols].to(FP8_DTYPE)
+            # Dividing bf16 into an fp32 output promotes it exactly: the same quotients as an fp32 copy would give.
+            scaled = torch.div(blocks, row_scales[:, :, None], out=scratch[: stop - start]).clamp_(-FP8_MAX, FP8_MAX)
+            out[start:stop] = scaled.view(stop - start, -1)[:, :cols]
         quantized[name] = out
     if one_pass:
         _check_finite(amax, weights)
@@ -89,9 +95,11 @@ def _gather_amax(
 ) -> torch.Tensor:
     """Fold rows ``start:stop`` of ``weight`` into the block maxima ``amax``; returns those rows as column blocks."""
     blocks = _column_blocks(weight[start:stop], col_block)
-    low, high = torch.aminmax(blocks, dim=-1)  # no |x| temporary of the chunk's size
+    # amax and amin are vectorized reductions in the weight's own dtype (no |x| temporary); aminmax over a last
+    # dimension runs a scalar loop, ~4x slower than both together. NaN propagates to the maxima.
+    block_amax = torch.maximum(blocks.amax(dim=-1), blocks.amin(dim=-1).neg_()).float()
     index = row_map[start:stop, None].expand(-1, amax.shape[1]).contiguous()  # a stride-0 index is ~100x slower
-    amax.scatter_reduce_(0, index, torch.maximum(high, low.neg_()), reduce="amax")
+    amax.scatter_reduce_(0, index, block_amax, reduce="amax")
     return blocks
 
 
@@ -120,12 +128,14 @@ def _row_chunks(row_map: torch.Tensor) -> list[tuple[int, int]] | None:
 
 
 def _column_blocks(rows: torch.Tensor, col_block: int) -> torch.Tensor:
-    """``rows`` as a new fp32 tensor ``[rows, column blocks, col_block]`` (the last block zero-padded)."""
-    values = rows.float() if rows.dtype != torch.float32 else rows.clone()
-    padding = -values.shape[1] % col_block
+    """``rows`` viewed as ``[rows, column blocks, col_block]``, in their dtype if fp32 arithmetic on it is exact
+    (else as fp32); a copy only where the last block needs zero padding or the rows are not contiguous."""
+    if rows.dtype not in EXACTLY_PROMOTED:
+        rows = rows.float()
+    padding = -rows.shape[1] % col_block
     if padding:
-        values = torch.nn.functional.pad(values, (0, padding))
-    return values.view(values.shape[0], -1, col_block)
+        rows = torch.nn.functional.pad(rows, (0, padding))
+    return rows.contiguous().view(rows.shape[0], -1, col_block)
 
 
 def quantize_blockwise(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

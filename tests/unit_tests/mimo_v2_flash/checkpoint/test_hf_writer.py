@@ -96,3 +96,22 @@ def test_read_ahead_stops_the_worker_when_the_consumer_stops():
     stream.close()  # joins the worker
     assert len(produced) < 20
     assert not any(t.name == "export-read-ahead" and t.is_alive() for t in threading.enumerate())
+
+
+def test_nested_read_ahead_stops_both_workers_and_closes_the_source():
+    """The FP8 export chains two read-aheads (reading, then quantizing): a consumer that stops early must stop
+    both worker threads and close the source, whose clean-up (freeing a checkpoint reader) must run."""
+    produced: list[int] = []
+    closed = threading.Event()
+
+    def source():
+        try:
+            yield from _tracked(1000, 10, produced)
+        finally:
+            closed.set()
+
+    stream = read_ahead(((name, t + 1) for name, t in read_ahead(source(), max_bytes=50)), max_bytes=50)
+    assert [next(stream)[0] for _ in range(3)] == ["t0", "t1", "t2"]
+    stream.close()
+    assert closed.is_set() and len(produced) < 40
+    assert not any(t.name == "export-read-ahead" and t.is_alive() for t in threading.enumerate())
