@@ -94,6 +94,17 @@ def _peak_allocated(prof) -> int:
     return max(total for _, _, total in events) - start
 
 
+def _report(record: dict) -> None:
+    """Send one result line to the parent in a single ``write`` of the shared stdout pipe.
+
+    Every rank writes to the same pipe. ``print`` issues the text and its newline as two writes when stdout is
+    unbuffered (``PYTHONUNBUFFERED``, ``python -u``), so two ranks finishing together could join their records on
+    one line; one write of less than ``PIPE_BUF`` bytes to a pipe is atomic.
+    """
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (RESULT + json.dumps(record) + "\n").encode())
+
+
 def worker(hf_dir: str, seq_lengths: list[int], seed: int) -> None:
     """One rank under torchrun: load the model, then one measured training step per sequence length."""
     import torch
@@ -143,7 +154,7 @@ def worker(hf_dir: str, seq_lengths: list[int], seed: int) -> None:
             rss_rise = (hwm - rss_before) * 1024 if hwm is not None and rss_before is not None else None
             record = {"cp": cp, "rank": rank, "seq": seq, "peak_bytes": _peak_allocated(prof)}
             record.update(rss_rise_bytes=rss_rise, seconds=round(seconds, 2))
-            print(RESULT + json.dumps(record), flush=True)
+            _report(record)
             del prof
 
 

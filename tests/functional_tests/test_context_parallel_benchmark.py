@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,10 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks/context_parallel.py"
 def test_context_parallel_benchmark_measures_both_ranks(tmp_path):
     out = tmp_path / "cp.json"
     command = [sys.executable, str(SCRIPT), "--seq-lengths", "256", "512", "--cp-sizes", "2", "--json", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # Unbuffered, as CI may run it: print then splits a line's text and newline into two writes, and the ranks'
+    # records once ran together on one line of the shared pipe.
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     records = json.loads(out.read_text())["records"]
     peaks = {(r["seq"], r["rank"]): r["peak_bytes"] for r in records}
