@@ -92,7 +92,8 @@ def check_parallel_layout(
 def _check_te_context_parallel(arch, tp: int, cp: int, version: tuple[int, int] | None) -> None:
     if version is None:
         raise MiMoV2FlashConfigError(
-            f"--cp {cp} on the TransformerEngine backend: TransformerEngine is not installed (use --backend local)"
+            f"--cp {cp} on the TransformerEngine backend: TransformerEngine is not installed (or train on the local "
+            "attention: finetune.sh --backend local)"
         )
     head_dims_differ = arch is None or arch.head_dim != arch.v_head_dim
     if head_dims_differ and version < TE_CONTEXT_PARALLEL_MIN_VERSION:
@@ -100,7 +101,8 @@ def _check_te_context_parallel(arch, tp: int, cp: int, version: tuple[int, int] 
         raise MiMoV2FlashConfigError(
             f"--cp {cp} on TransformerEngine {version[0]}.{version[1]}: MiMo's sliding-window layers (window and "
             f"learnable sink) need cp_comm_type a2a, which TE runs with a Q/K head dim different from V's only from "
-            f"TE {minimum} (TE #2719); upgrade TransformerEngine or use --backend local"
+            f"TE {minimum} (TE #2719); upgrade TransformerEngine, or train on the local attention (finetune.sh "
+            "--backend local)"
         )
     if arch is None:
         return
@@ -115,7 +117,7 @@ def _check_te_context_parallel(arch, tp: int, cp: int, version: tuple[int, int] 
                 raise MiMoV2FlashConfigError(
                     f"--cp {cp} on TransformerEngine: {kind} layers run cp_comm_type a2a (their {needs} need it), "
                     f"which splits each rank's heads over the CP ranks, but a rank holds {per_rank} {what} head(s) "
-                    f"({total} / --tp {tp}); --cp must divide that (lower --tp or --cp, or use --backend local)"
+                    f"({total} / --tp {tp}); --cp must divide that (lower --tp or --cp)"
                 )
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mimo_v2_flash.planning.cli import main
+from mimo_v2_flash.planning.cli import _parser, main
 
 SCRIPT = Path(__file__).resolve().parents[4] / "examples/models/mimo_v2_flash/plan_parallelism.py"
 GIB = 1024**3
@@ -194,3 +194,16 @@ def test_bad_layout_from_the_script_exits_nonzero_without_a_traceback():
         "2 x cp chunks)"
     ]
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_layout_te_cannot_split_is_refused_with_a_remedy_the_planner_has(capsys):
+    """TP 8 leaves each rank one SWA KV head, which a2a cannot split over CP 2: the one-line refusal suggests only
+    the planner's own options (it has no --backend)."""
+    argv = ["--tp", "8", "--ep", "8", "--cp", "2", "--gpus", "16", "--seq-length", "131072"]
+    code, _, err = _run(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code != 0 and len(lines) == 1, err
+    assert "a rank holds 1 KV head(s) (8 / --tp 8)" in lines[0] and "lower --tp or --cp" in lines[0], err
+    offered = set(re.findall(r"--[a-z][a-z-]*", lines[0]))
+    accepted = {flag for action in _parser()._actions for flag in action.option_strings}
+    assert offered <= accepted, offered - accepted
